@@ -1,0 +1,187 @@
+"""The reference AlexNet: one module, one device, no process or device logic.
+
+``towers = T`` expresses the paper's T-GPU layout (Krizhevsky et al. 2012, §3.5,
+Fig. 2) on a single device: conv2, conv4 and conv5 read only their own tower's
+maps (grouped convolutions, ``groups=T``) and LRN normalises within a tower.
+conv1 sees the whole input; conv3, fc6, fc7 and fc8 read every tower.  Output
+channels are laid out tower-major (tower 0's slice first), which is what lets
+:mod:`distalex.towers` map weights to towers one to one.
+
+With the default options (towers 1, width 1, no LRN, 1x224x224 input) this is
+exactly the seed's ``nn.Sequential`` from d2l: same layers, same order,
+46,764,746 parameters.
+"""
+from __future__ import annotations
+
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import nn
+
+# The paper's widths (= the d2l seed's): conv1..conv5 channels, fc6/fc7 units.
+PAPER_CONV = (96, 256, 384, 384, 256)
+PAPER_FC = 4096
+# LRN constants of §3.3.  The paper divides by (k + alpha * sum)^beta; PyTorch
+# divides by (k + alpha/n * sum)^beta, so PyTorch's alpha is n * the paper's.
+LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
+# Layers whose bias the paper initialises to 1 (§5) - the rest start at 0.
+PAPER_BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+
+class ModelSpecError(ValueError):
+    """The requested network cannot be built (bad width/towers/image size)."""
+
+
+@dataclass(frozen=True)
+class AlexNetSpec:
+    in_channels: int = 1
+    num_classes: int = 10
+    image_size: int = 224
+    width: float = 1.0
+    towers: int = 1
+    dropout: float = 0.5
+    lrn: bool = False
+    conv1_padding: int = 1
+
+    @property
+    def conv_channels(self) -> Tuple[int, ...]:
+        return tuple(max(1, round(c * self.width)) for c in PAPER_CONV)
+
+    @property
+    def fc_units(self) -> int:
+        return max(1, round(PAPER_FC * self.width))
+
+    def feature_size(self, image_size: int | None = None) -> int:
+        """Side of conv5's pooled maps for a square input (0 if too small)."""
+        n = self.image_size if image_size is None else image_size
+        n = (n + 2 * self.conv1_padding - 11) // 4 + 1   # conv1 11x11/4
+        for _ in range(3):                                # three 3/2 max-pools
+            if n < 3:
+                return 0
+            n = (n - 3) // 2 + 1
+        return n
+
+    def smallest_image_size(self) -> int:
+        n = 1
+        while self.feature_size(n) < 1:
+            n += 1
+        return n
+
+    @property
+    def flat_features(self) -> int:
+        return self.conv_channels[4] * self.feature_size() ** 2
+
+    def check(self) -> None:
+        if self.feature_size() < 1:
+            raise ModelSpecError(
+                f"data.image_size={self.image_size} is too small for AlexNet "
+                f"(conv1 padding {self.conv1_padding}): the smallest image size that works is "
+                f"{self.smallest_image_size()}")
+        t = self.towers
+        sizes = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5"), self.conv_channels))
+        sizes["fc6/fc7"] = self.fc_units
+        bad = {k: v for k, v in sizes.items() if v % t}
+        if t < 1 or bad:
+            raise ModelSpecError(
+                f"model.towers={t} must divide every layer's width at model.width={self.width}; "
+                f"not divisible: " + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+
+class TowerLRN(nn.Module):
+    """LRN applied within each tower's channels only (§3.3, §3.5)."""
+
+    def __init__(self, towers: int):
+        super().__init__()
+        self.towers = towers
+        self.lrn = nn.LocalResponseNorm(LRN_N, alpha=LRN_N * LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.towers == 1:
+            return self.lrn(x)
+        b, c, h, w = x.shape
+        y = self.lrn(x.reshape(b * self.towers, c // self.towers, h, w))
+        return y.reshape(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return f"towers={self.towers}"
+
+
+def build_layers(spec: AlexNetSpec, towers_in_module: int, groups: int) -> "OrderedDict[str, nn.Module]":
+    """The layer list shared by the reference (groups=T) and one tower (groups=1).
+
+    ``towers_in_module`` divides the widths: T for one tower of the tower-parallel
+    model, 1 for the reference.  conv3/fc6/fc7/fc8 inputs always span all towers.
+    """
+    spec.check()
+    c1, c2, c3, c4, c5 = (c // towers_in_module for c in spec.conv_channels)
+    fc = spec.fc_units // towers_in_module
+    full = spec.conv_channels
+    layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+    layers["conv1"] = nn.Conv2d(spec.in_channels, c1, 11, stride=4, padding=spec.conv1_padding)
+    layers["relu1"] = nn.ReLU()
+    if spec.lrn:
+        layers["lrn1"] = TowerLRN(groups)
+    layers["pool1"] = nn.MaxPool2d(3, stride=2)
+    # conv2 reads only its own tower's conv1 maps.
+    layers["conv2"] = nn.Conv2d(c1, c2, 5, padding=2, groups=groups)
+    layers["relu2"] = nn.ReLU()
+    if spec.lrn:
+        layers["lrn2"] = TowerLRN(groups)
+    layers["pool2"] = nn.MaxPool2d(3, stride=2)
+    # conv3 reads every tower's conv2 maps (first cross-tower point).
+    layers["conv3"] = nn.Conv2d(full[1], c3, 3, padding=1)
+    layers["relu3"] = nn.ReLU()
+    layers["conv4"] = nn.Conv2d(c3, c4, 3, padding=1, groups=groups)
+    layers["relu4"] = nn.ReLU()
+    layers["conv5"] = nn.Conv2d(c4, c5, 3, padding=1, groups=groups)
+    layers["relu5"] = nn.ReLU()
+    layers["pool5"] = nn.MaxPool2d(3, stride=2)
+    layers["flatten"] = nn.Flatten()
+    layers["fc6"] = nn.Linear(spec.flat_features, fc)   # reads all towers' conv5 features
+    layers["relu6"] = nn.ReLU()
+    layers["drop6"] = nn.Dropout(spec.dropout)
+    layers["fc7"] = nn.Linear(spec.fc_units, fc)        # reads all fc6 units
+    layers["relu7"] = nn.ReLU()
+    layers["drop7"] = nn.Dropout(spec.dropout)
+    return layers
+
+
+class AlexNet(nn.Sequential):
+    """Reference AlexNet; ``towers`` become grouped convs and per-tower LRN."""
+
+    def __init__(self, spec: AlexNetSpec):
+        layers = build_layers(spec, towers_in_module=1, groups=spec.towers)
+        layers["fc8"] = nn.Linear(spec.fc_units, spec.num_classes)  # reads all fc7 units
+        super().__init__(layers)
+        self.spec = spec
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """``xavier``: d2l's train_ch6 (weights only, biases keep PyTorch's default).
+    ``paper``: §5, weights N(0, 0.01); biases 1 in conv2/4/5, fc6/7, else 0."""
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        if scheme == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        elif scheme == "paper":
+            nn.init.normal_(module.weight, 0.0, 0.01)
+            nn.init.constant_(module.bias, 1.0 if name.split(".")[-1] in PAPER_BIAS_ONE else 0.0)
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}")
+
+
+def spec_from_config(cfg) -> AlexNetSpec:
+    m = cfg.model
+    return AlexNetSpec(in_channels=m.in_channels, num_classes=m.num_classes,
+                       image_size=cfg.data.image_size, width=m.width, towers=m.towers,
+                       dropout=m.dropout, lrn=m.lrn, conv1_padding=m.conv1_padding)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+

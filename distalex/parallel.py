@@ -1,0 +1,183 @@
+"""Placement: decided and validated here, once.
+
+``Placement`` knows the world (W processes), the mesh (replicas x towers), this
+rank's coordinates, the device, and how to wrap the reference model for the
+split mode.  Nothing else in distalex branches on the split mode.
+
+Mesh layout for model-parallel: rank = replica * T + tower, so the towers of
+one replica are neighbouring ranks (one machine, fast links) and a tower's
+replicas are T ranks apart.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distalex.config import ConfigError
+from distalex.model import AlexNet, AlexNetSpec, init_weights, spec_from_config
+from distalex.towers import TowerAlexNet, gather_tensors, shard_state_dict
+
+
+@dataclass(frozen=True)
+class Mesh:
+    world_size: int
+    replicas: int
+    towers: int          # towers per replica held on separate processes (1 unless model-parallel)
+
+    @staticmethod
+    def plan(split_mode: str, world_size: int, towers: int, global_batch: int,
+             mixed_precision: str, cuda: bool) -> "Mesh":
+        """Validate the numbers; raise ConfigError showing those that do not add up."""
+        if mixed_precision == "fp16" and not cuda:
+            raise ConfigError("config key 'train.mixed_precision': fp16 needs a CUDA device "
+                              "(none here); use bf16 or no")
+        if split_mode == "single":
+            if world_size != 1:
+                raise ConfigError(f"split_mode=single runs one process but {world_size} were "
+                                  f"launched; use --split-mode ddp or model-parallel")
+            return Mesh(1, 1, 1)
+        if split_mode == "ddp":
+            mesh = Mesh(world_size, world_size, 1)
+        elif world_size == 1:     # model-parallel single-device fallback
+            mesh = Mesh(1, 1, 1)
+        else:
+            if world_size % towers:
+                raise ConfigError(
+                    f"model-parallel needs a world size that is a multiple of model.towers: "
+                    f"W={world_size} processes, T={towers} towers, {world_size} % {towers} = "
+                    f"{world_size % towers}")
+            mesh = Mesh(world_size, world_size // towers, towers)
+        if global_batch % mesh.replicas:
+            raise ConfigError(
+                f"config key 'train.batch_size': the global batch {global_batch} is not divisible "
+                f"by {mesh.replicas} replicas ({global_batch} % {mesh.replicas} = "
+                f"{global_batch % mesh.replicas})")
+        return mesh
+
+
+@dataclass
+class Placement:
+    split_mode: str
+    mesh: Mesh
+    rank: int
+    device: torch.device
+    spec: AlexNetSpec
+    tower_group: Optional[dist.ProcessGroup] = None    # this replica's towers
+    replica_group: Optional[dist.ProcessGroup] = None  # this tower's replicas
+    notices: list = field(default_factory=list)
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.mesh.towers
+
+    @property
+    def tower(self) -> int:
+        return self.rank % self.mesh.towers
+
+    @property
+    def tower_parallel(self) -> bool:
+        return self.mesh.towers > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- model ------------------------------------------------------------------------
+    def build_model(self, init: str, seed: int) -> nn.Module:
+        """The reference model initialised identically on every rank, then (for
+        model-parallel) cut to this rank's tower.  Not yet wrapped for DDP."""
+        torch.manual_seed(seed)
+        reference = AlexNet(self.spec)
+        init_weights(reference, init)
+        if not self.tower_parallel:
+            return reference.to(self.device)
+        tower = TowerAlexNet(self.spec, self.tower, self.tower_group)
+        tower.load_state_dict(shard_state_dict(reference.state_dict(), self.tower, self.mesh.towers))
+        return tower.to(self.device)
+
+    def wrap(self, model: nn.Module, accelerator) -> nn.Module:
+        """DDP across replicas.  In model-parallel mode only over *this tower's*
+        replicas: tower A is never averaged with tower B (DESIGN.md §5.3), which
+        is why accelerate's prepare (DDP over all ranks) is not used there."""
+        if self.mesh.replicas > 1 and not self.tower_parallel:
+            return accelerator.prepare_model(model)
+        if self.mesh.replicas > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                       process_group=self.replica_group)
+        return model
+
+    # -- collectives ------------------------------------------------------------------
+    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of per-replica figures (towers of a replica hold the same ones)."""
+        if self.mesh.replicas > 1:
+            dist.all_reduce(t, group=self.replica_group)
+        return t
+
+    def any_rank(self, flag: bool) -> bool:
+        if self.mesh.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def full_tensors(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Reference-shaped copies of per-parameter tensors (a collective in model-parallel)."""
+        if self.tower_parallel:
+            return gather_tensors(tensors, self.tower_group, self.mesh.towers)
+        return {k: v.detach().clone() for k, v in tensors.items()}
+
+    def local_tensors(self, reference: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if self.tower_parallel:
+            return shard_state_dict(reference, self.tower, self.mesh.towers)
+        return reference
+
+    def comm_bytes_per_step(self, model: nn.Module) -> Dict[str, int]:
+        """Bytes this rank sends per step: DDP's gradient all-reduce (ring) and tower exchanges."""
+        out = {}
+        r = self.mesh.replicas
+        if r > 1:
+            grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            out["ddp_bytes_per_step"] = 2 * (r - 1) * grad_bytes // r
+        return out
+
+    def barrier(self) -> None:
+        if self.mesh.world_size > 1:
+            dist.barrier()
+
+
+def make_accelerator(cfg, log_with=None, project_dir=None):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    cuda = torch.cuda.is_available()
+    return Accelerator(cpu=not cuda, mixed_precision=cfg.train.mixed_precision,
+                       log_with=log_with, project_dir=project_dir,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))])
+
+
+def setup(cfg, accelerator) -> Placement:
+    world = accelerator.num_processes
+    spec = spec_from_config(cfg)
+    spec.check()
+    mesh = Mesh.plan(cfg.split_mode, world, cfg.model.towers, cfg.train.batch_size,
+                     cfg.train.mixed_precision, torch.cuda.is_available())
+    placement = Placement(cfg.split_mode, mesh, accelerator.process_index, accelerator.device, spec)
+    if cfg.split_mode == "model-parallel" and world == 1:
+        placement.notices.append(
+            f"model-parallel with 1 process: single-device fallback, all {cfg.model.towers} towers "
+            f"as grouped convolutions on {accelerator.device}")
+    if mesh.towers > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        device_mesh = init_device_mesh(accelerator.device.type, (mesh.replicas, mesh.towers),
+                                       mesh_dim_names=("replica", "tower"))
+        placement.tower_group = device_mesh.get_group("tower")
+        placement.replica_group = device_mesh.get_group("replica")
+    elif mesh.replicas > 1:
+        placement.replica_group = dist.group.WORLD
+    return placement
