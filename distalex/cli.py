@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split-mode", choices=SPLIT_MODES, default=None,
                         help="placement: single device, DDP replicas, or the paper's model-parallel towers")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dot-list overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may follow the key=value overrides
 
 
 def _rank() -> int:

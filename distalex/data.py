@@ -64,8 +64,11 @@ class InMemoryDataset:
 # --------------------------------------------------------------------------- Fashion-MNIST
 
 def _candidate_dirs(root: Optional[str]) -> List[Path]:
+    """data.root when it is set (an explicit choice is never silently replaced),
+    else $DISTALEX_DATA, then Debian's path."""
     dirs = []
-    for base in (root, os.environ.get("DISTALEX_DATA"), DEBIAN_FASHION_MNIST):
+    bases = [root] if root else [os.environ.get("DISTALEX_DATA"), DEBIAN_FASHION_MNIST]
+    for base in bases:
         if base:
             p = Path(base).expanduser()
             dirs += [p, p / "fashion-mnist", p / "FashionMNIST" / "raw"]
@@ -102,7 +105,7 @@ def locate_fashion_mnist(root: Optional[str]) -> Path:
         tried.append(str(directory))
         if all(_find_file(directory, stem) for stem in FASHION_MNIST_FILES):
             return directory
-    downloaded = _try_torchvision_download()
+    downloaded = None if root else _try_torchvision_download()
     if downloaded is not None:
         return downloaded
     raise DataError(f"Fashion-MNIST not found (looked in: {', '.join(tried)}); {HOW_TO_GET}")

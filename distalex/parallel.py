@@ -172,12 +172,17 @@ def setup(cfg, accelerator) -> Placement:
         placement.notices.append(
             f"model-parallel with 1 process: single-device fallback, all {cfg.model.towers} towers "
             f"as grouped convolutions on {accelerator.device}")
+    placement.tower_group, placement.replica_group = process_groups(mesh, accelerator.device.type)
+    return placement
+
+
+def process_groups(mesh: Mesh, device_type: str):
+    """(tower group, replica group) of this rank: a DeviceMesh replicas x towers."""
     if mesh.towers > 1:
         from torch.distributed.device_mesh import init_device_mesh
-        device_mesh = init_device_mesh(accelerator.device.type, (mesh.replicas, mesh.towers),
+        device_mesh = init_device_mesh(device_type, (mesh.replicas, mesh.towers),
                                        mesh_dim_names=("replica", "tower"))
-        placement.tower_group = device_mesh.get_group("tower")
-        placement.replica_group = device_mesh.get_group("replica")
-    elif mesh.replicas > 1:
-        placement.replica_group = dist.group.WORLD
-    return placement
+        return device_mesh.get_group("tower"), device_mesh.get_group("replica")
+    if mesh.replicas > 1:
+        return None, dist.group.WORLD
+    return None, None

@@ -281,6 +281,11 @@ def train(cfg) -> dict:
                 sums.zero_()
                 stats.train_time = 0.0
             save(position)
+        if "test_acc" not in last_row:   # resumed at max_steps: evaluate the weights as loaded
+            last_row = {"step": position.step, "epoch": position.step / steps_per_epoch,
+                        **evaluate(net, test_loader, eval_batch, placement, accelerator, data.num_classes)}
+            log.log(last_row)
+            save(position)
         stopper.restore()
     finally:
         if progress is not None:

@@ -1,0 +1,70 @@
+"""Worker bodies for the gloo process tests (spawned, one process per rank)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from distalex.model import AlexNet, AlexNetSpec, init_weights
+from distalex.parallel import Mesh, Placement, process_groups
+from distalex.towers import shard_state_dict
+
+SPEC = dict(width=0.125, image_size=67, dropout=0.0, lrn=True)
+
+
+def _placement(rank: int, world: int, towers: int, store_path: str) -> Placement:
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    mesh = Mesh.plan("model-parallel", world, towers, global_batch=8, mixed_precision="no", cuda=False)
+    placement = Placement("model-parallel", mesh, rank, torch.device("cpu"), AlexNetSpec(towers=towers, **SPEC))
+    placement.tower_group, placement.replica_group = process_groups(mesh, "cpu")
+    return placement
+
+
+def batch(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 67, 67, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def exactness(rank, world, towers, store_path, out_dir):
+    """Tower-parallel forward and gradients vs the reference on the same weights and batch.
+    Replica r takes the r-th slice of the global batch, as in training."""
+    placement = _placement(rank, world, towers, store_path)
+    tower = placement.build_model("xavier", seed=0)
+    model = placement.wrap(tower, accelerator=None)
+    x, y = batch()
+    local = x.shape[0] // placement.mesh.replicas
+    sl = slice(placement.replica * local, (placement.replica + 1) * local)
+    logits = model(x[sl])
+    F.cross_entropy(logits, y[sl]).backward()
+    grads = placement.full_tensors({n: p.grad for n, p in tower.named_parameters()})
+    weights = placement.full_tensors(dict(tower.state_dict()))
+    torch.save({"logits": logits.detach(), "grads": grads, "weights": weights,
+                "bytes": tower.stats.bytes_sent}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def train_steps(rank, world, towers, store_path, out_dir, steps=3):
+    """A few SGD steps with DDP over each tower's replicas; save this rank's local weights."""
+    placement = _placement(rank, world, towers, store_path)
+    tower = placement.build_model("xavier", seed=0)
+    model = placement.wrap(tower, accelerator=None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for s in range(steps):
+        x, y = batch(seed=10 + s)
+        local = x.shape[0] // placement.mesh.replicas
+        sl = slice(placement.replica * local, (placement.replica + 1) * local)
+        F.cross_entropy(model(x[sl]), y[sl]).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save({k: v.clone() for k, v in tower.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def reference(towers: int):
+    torch.manual_seed(0)
+    net = AlexNet(AlexNetSpec(towers=towers, **SPEC))
+    init_weights(net, "xavier")
+    return net
+
+
+__all__ = ["exactness", "train_steps", "reference", "batch", "shard_state_dict"]
