@@ -192,6 +192,9 @@ def train(cfg) -> dict:
 
     def save(pos: Position):
         check_finite()
+        if placement.any_rank(not all(bool(torch.isfinite(p).all()) for p in net.parameters())):
+            raise NonFiniteLoss(f"parameters are not finite after step {pos.step}; stopping. The last good "
+                                f"checkpoint is kept in {checkpoint.checkpoint_dir(cfg.train.output_dir)}")
         stats.loss_sum, stats.correct, stats.seen = sums.tolist()
         saved = {**asdict(stats), "wall_before": stats.wall_before + time.perf_counter() - wall_start}
         return checkpoint.save(placement, model, optimizer, schedule, accelerator.scaler, asdict(pos),

@@ -55,7 +55,7 @@ def metrics(run_dir) -> list:
 
 
 def step_losses(run_dir) -> dict:
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "train_acc" not in r}
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "train_acc" not in r and "loss" in r}
 
 
 def summary(run_dir) -> dict:
