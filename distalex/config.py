@@ -71,7 +71,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: Optional[str] = None             # "auto" or a checkpoint path
     overwrite: bool = False
-    mixed_precision: str = "no"              # no | bf16 | fp16 (fp16 on GPU only)
+    # no | bf16 | fp16 (fp16 on GPU only).  Unset: what `accelerate launch
+    # --mixed_precision` / the accelerate config file chose, else "no".
+    mixed_precision: Optional[str] = None
     channels_last: bool = False
     compile: bool = False
     cudnn_benchmark: bool = True
@@ -138,6 +140,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+    if cfg.train.mixed_precision is None:
+        cfg.train.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if cfg.model.towers is None:
         cfg.model.towers = 2 if cfg.split_mode == "model-parallel" else 1
     validate(cfg)

@@ -198,9 +198,6 @@ class DeviceLoader:
         self.image_size, self.seed, self.device = image_size, seed, device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.batches_per_epoch = len(dataset) // global_batch
-        if self.batches_per_epoch == 0:
-            raise DataError(f"the training set has {len(dataset)} examples, fewer than one global "
-                            f"batch (train.batch_size={global_batch})")
 
     def _batch(self, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = resize_batch(self.data.images[index], self.image_size)
@@ -245,6 +242,9 @@ def build_data(cfg, replica: int, replicas: int, device: torch.device) -> DataBu
     if len(train.classes) != m.num_classes:
         raise DataError(f"{d.name} has {len(train.classes)} classes but model.num_classes={m.num_classes}")
     train, test = train.limit(d.train_limit), test.limit(d.test_limit)
+    if len(train) < t.batch_size:
+        raise DataError(f"the training set has {len(train)} examples, fewer than one global batch "
+                        f"(train.batch_size={t.batch_size})")
     common = dict(global_batch=t.batch_size, replica=replica, replicas=replicas,
                   image_size=d.image_size, seed=t.seed, device=device, channels_last=t.channels_last)
     return DataBundle(DeviceLoader(train, **common), DeviceLoader(test, **common),

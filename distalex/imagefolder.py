@@ -261,8 +261,13 @@ class ImageFolderLoader:
         self._eval_loaders = {}
 
     def _loader_kwargs(self) -> dict:
+        # A private generator: without one, every DataLoader iterator draws its base
+        # seed from the global torch RNG, which would shift the dropout masks by
+        # where in the run the loaders happened to be (re)started - no exact resume.
+        # (Augmentation never uses it: see sample_generator.)
         return dict(num_workers=self.num_workers, pin_memory=self.pin,
-                    persistent_workers=self.num_workers > 0)
+                    persistent_workers=self.num_workers > 0,
+                    generator=torch.Generator().manual_seed(self.seed))
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=self.pin)
