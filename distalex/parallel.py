@@ -21,7 +21,7 @@ from torch import nn
 
 from distalex.config import ConfigError
 from distalex.model import AlexNet, AlexNetSpec, init_weights, spec_from_config
-from distalex.towers import TowerAlexNet, gather_tensors, shard_state_dict
+from distalex.towers import TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,10 @@ class Placement:
 
     def comm_bytes_per_step(self, model: nn.Module) -> Dict[str, int]:
         """Bytes this rank sends per step: DDP's gradient all-reduce (ring) and tower exchanges."""
-        out = {}
-        r = self.mesh.replicas
-        if r > 1:
-            grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            out["ddp_bytes_per_step"] = 2 * (r - 1) * grad_bytes // r
-        return out
+        if self.mesh.replicas == 1:
+            return {}
+        params = sum(p.numel() for p in model.parameters())
+        return {"ddp_bytes_per_step": ddp_bytes_per_step(params, self.mesh.replicas)}
 
     def barrier(self) -> None:
         if self.mesh.world_size > 1:

@@ -152,3 +152,29 @@ def gather_tensors(tensors: Dict[str, torch.Tensor], group, towers: int) -> Dict
         dist.all_gather(gathered, t, group=group)
         parts[name] = gathered
     return unshard_state_dict([{n: parts[n][i] for n in parts} for i in range(towers)])
+
+
+def exchange_bytes_per_step(spec: AlexNetSpec, local_batch: int, element_size: int = 4) -> Dict[str, int]:
+    """Bytes one tower sends in one training step (forward + backward), by layer,
+    with ring accounting: an all-gather sends (T-1) shards, an all-reduce of N
+    bytes sends 2(T-1)/T * N.  Computed from the shapes; the exchanges count the
+    same figures as they run (``CommStats``), which the tests compare."""
+    t = spec.towers
+    c = spec.conv_channels
+    side = spec.feature_size()
+    pool2 = (((spec.image_size + 2 * spec.conv1_padding - 11) // 4 + 1 - 3) // 2 + 1 - 3) // 2 + 1
+    gathered = {"conv3": local_batch * c[1] * pool2 ** 2,       # elements of the full gathered tensor
+                "fc6": local_batch * c[4] * side ** 2,
+                "fc7": local_batch * spec.fc_units}
+    out = {}
+    for layer, n in gathered.items():
+        forward = (t - 1) * (n // t) * element_size
+        backward = 2 * (t - 1) * n * element_size // t
+        out[layer] = forward + backward
+    out["fc8"] = 2 * (t - 1) * local_batch * spec.num_classes * element_size // t   # forward sum only
+    return out
+
+
+def ddp_bytes_per_step(num_params: int, replicas: int, element_size: int = 4) -> int:
+    """Bytes one replica sends in DDP's ring all-reduce of every gradient."""
+    return 2 * (replicas - 1) * num_params * element_size // replicas

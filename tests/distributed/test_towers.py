@@ -5,7 +5,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import tower_workers as w
-from distalex.towers import shard_state_dict
+from distalex.towers import exchange_bytes_per_step, shard_state_dict
 
 
 def spawn(fn, world, towers, tmp_path):
@@ -34,8 +34,9 @@ def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers):
         for res in results:
             assert rel_err(res["grads"][name], p.grad) <= 1e-5, name
             assert torch.equal(res["weights"][name], p.detach())
-    # The towers exchanged activations (forward gathers and the fc8 sum) and gradients.
-    assert all(res["bytes"] > 0 for res in results)
+    # Each tower sent exactly the bytes the shape arithmetic predicts (gathers, fc8 sum, backward).
+    expected = sum(exchange_bytes_per_step(ref.spec, local).values())
+    assert expected > 0 and all(res["bytes"] == expected for res in results)
 
 
 def test_towers_differ_replicas_agree(tmp_path):
