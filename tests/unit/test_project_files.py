@@ -1,0 +1,32 @@
+"""The README's test block is what CI runs; shipped configs load and validate."""
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from distalex.config import load_config
+
+
+def test_ci_runs_the_readme_test_block_verbatim():
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_block = ci.split("# --- README block (b) begins\n")[1].split("# --- README block (b) ends")[0]
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    assert any(ci_block.strip() in b for b in blocks), "README block (b) and .ci/run have drifted apart"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiment_configs_validate(path):
+    cfg = load_config(str(path))
+    assert cfg.experiment == path.stem
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "launch").glob("*.yaml")), ids=lambda p: p.name)
+def test_launch_configs_are_accelerate_configs(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes == yaml.safe_load(path.read_text())["num_processes"]
+    assert cfg.num_processes >= cfg.num_machines >= 1
+    assert "--split-mode" in path.read_text()      # each says which split mode it is for
