@@ -10,7 +10,6 @@ replicas are T ranks apart.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Dict, Optional
@@ -70,6 +69,7 @@ class Placement:
     spec: AlexNetSpec
     tower_group: Optional[dist.ProcessGroup] = None    # this replica's towers
     replica_group: Optional[dist.ProcessGroup] = None  # this tower's replicas
+    control_group: Optional[dist.ProcessGroup] = None   # gloo, all ranks: host-side flags
     notices: list = field(default_factory=list)
 
     @property
@@ -121,10 +121,12 @@ class Placement:
         return t
 
     def any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (signals, NaN guard).  On CPU
+        tensors over a gloo group, so it never waits for the GPU's queue."""
         if self.mesh.world_size == 1:
             return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(t.item())
 
     def full_tensors(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -171,6 +173,9 @@ def setup(cfg, accelerator) -> Placement:
             f"model-parallel with 1 process: single-device fallback, all {cfg.model.towers} towers "
             f"as grouped convolutions on {accelerator.device}")
     placement.tower_group, placement.replica_group = process_groups(mesh, accelerator.device.type)
+    if world > 1:
+        cpu = dist.get_backend() == "gloo"
+        placement.control_group = dist.group.WORLD if cpu else dist.new_group(backend="gloo")
     return placement
 
 

@@ -1,8 +1,22 @@
-"""Run records: metrics.jsonl and summary.json (always), wandb through accelerate (optional).
+"""Run records: metrics.jsonl, summary.json and curves.png (always), wandb
+through accelerate (optional).
 
 Only the main process writes.  Everything that goes to wandb also goes to
-metrics.jsonl, so a run is fully readable without any account or network.  A
-tracker that fails prints one warning and training continues on the local logs.
+metrics.jsonl, so a run is fully readable without any account or network.
+
+wandb: project ``tracking.project``; run name
+``<experiment>-<split>-<W>x<device>-<precision>`` (or ``tracking.run_name``);
+group ``tracking.group`` or the experiment; job_type the split mode; config
+the run facts (split_mode, world_size, replicas, towers, mixed_precision,
+global_batch, device) plus the full experiment config under ``config``; the
+run's summary gets summary.json.  Without credentials (no ``WANDB_API_KEY``,
+no api.wandb.ai in ~/.netrc) and without ``WANDB_MODE`` the run is offline:
+files under ``<output_dir>/wandb/offline-run-*`` (``$WANDB_DIR/wandb/`` when
+WANDB_DIR is set), uploadable later with ``wandb sync``.
+
+A tracker that fails (unwritable directory, wandb missing or broken, init or
+log raising) prints ONE warning line and training continues on the local logs;
+so does a failing curves plot.
 """
 from __future__ import annotations
 
@@ -10,7 +24,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -44,12 +57,16 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def has_wandb_credentials() -> bool:
+    """An API key in the environment, or a ~/.netrc ($NETRC) entry for the wandb
+    host (api.wandb.ai, or $WANDB_BASE_URL's for a self-hosted server)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
     try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
+        return host in netrc.read_text()
+    except (OSError, UnicodeDecodeError):
         return False
 
 
@@ -57,24 +74,44 @@ def run_name(cfg, world_size: int, device_name: str) -> str:
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
     device = device_name.replace(" ", "-").lower()
-    return f"{cfg.experiment}-{cfg.split_mode}-{world_size}x{device}-{cfg.train.mixed_precision.replace('no', 'fp32')}"
+    return f"{cfg.experiment}-{cfg.split_mode}-{world_size}x{device}-{_precision(cfg.train.mixed_precision)}"
 
 
 class RunLog:
-    """metrics.jsonl + summary.json + wandb, on the main process only."""
+    """metrics.jsonl + summary.json + curves.png + wandb, on the main process only."""
 
-    def __init__(self, output_dir: str, is_main: bool, accelerator=None):
+    def __init__(self, output_dir: str, is_main: bool, accelerator=None, plots: bool = True):
         self.dir = Path(output_dir)
         self.is_main = is_main
         self.accelerator = accelerator
+        self.plots = plots
         self.wandb_on = False
+        self.title: Optional[str] = None
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.curves_path = self.dir / "curves.png"
+        self._plot_warned = False
+
+    # -- wandb ------------------------------------------------------------------------
+    def wandb_dir(self) -> Path:
+        """Where wandb puts its ``wandb/`` folder: $WANDB_DIR, else the run's output dir."""
+        return Path(os.environ.get("WANDB_DIR") or self.dir)
 
     def start_wandb(self, cfg, run_config: dict, name: str) -> None:
+        self.title = name
         if not (self.is_main and cfg.tracking.wandb and self.accelerator is not None):
             return
+        if not any(_is_wandb(t) for t in getattr(self.accelerator, "log_with", ["wandb"])):
+            # accelerate drops a tracker whose package it cannot find
+            self._tracker_failed(ImportError("the wandb package is not installed"))
+            return
+        root = self.wandb_dir()
+        problem = _unwritable(root)
+        if problem:
+            src = "WANDB_DIR" if os.environ.get("WANDB_DIR") else "train.output_dir"
+            self._tracker_failed(OSError(f"{src} '{root}' is not a writable directory ({problem})"))
+            return
         init = {"name": name, "group": cfg.tracking.group or cfg.experiment, "job_type": cfg.split_mode,
-                "dir": os.environ.get("WANDB_DIR", str(self.dir))}
+                "dir": str(root), "tags": [cfg.split_mode, _precision(cfg.train.mixed_precision)]}
         if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
             init["mode"] = "offline"   # no account: files under the run dir, `wandb sync` later
         try:
@@ -83,11 +120,30 @@ class RunLog:
         except Exception as exc:  # a tracker must never stop training
             self._tracker_failed(exc)
 
-    def _tracker_failed(self, exc: Exception) -> None:
-        self.wandb_on = False
-        print(f"warning: wandb tracker disabled ({type(exc).__name__}: {exc}); "
-              f"metrics still go to {self.metrics_path}", file=sys.stderr)
+    def _wandb_run(self):
+        for t in self.accelerator.trackers:
+            if t.name == "wandb":
+                return getattr(t, "run", None)
+        return None
 
+    def _tracker_failed(self, exc: BaseException) -> None:
+        """One warning line; the wandb tracker is dropped so nothing touches it again."""
+        self.wandb_on = False
+        if self.accelerator is not None:
+            trackers = getattr(self.accelerator, "trackers", [])
+            for t in [t for t in trackers if getattr(t, "name", None) == "wandb"]:
+                run = getattr(t, "run", None)
+                try:
+                    if run is not None:
+                        run.finish(exit_code=1)
+                except Exception:
+                    pass
+                trackers.remove(t)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"warning: wandb tracker disabled ({type(exc).__name__}: {msg}); "
+              f"metrics still go to {self.metrics_path}", file=sys.stderr, flush=True)
+
+    # -- local records ----------------------------------------------------------------
     def trim_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint (they will be logged again)."""
         if not (self.is_main and self.metrics_path.exists()):
@@ -111,6 +167,19 @@ class RunLog:
                 self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
             except Exception as exc:
                 self._tracker_failed(exc)
+        if self.plots and "test_acc" in row:
+            self.write_curves()
+
+    def write_curves(self) -> None:
+        """(Re)draw curves.png from the whole metrics.jsonl (so a resumed run's
+        curves include the epochs before the interruption)."""
+        try:
+            from distalex.plots import plot_curves
+            plot_curves(read_jsonl(self.metrics_path), self.curves_path, title=self.title)
+        except Exception as exc:  # a plot must never stop training
+            if not self._plot_warned:
+                self._plot_warned = True
+                print(f"warning: curves not written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
 
     def finish(self, summary: dict) -> None:
         if not self.is_main:
@@ -119,10 +188,39 @@ class RunLog:
         write_json_atomic(self.dir / "summary.json", summary)
         if self.wandb_on:
             try:
-                import wandb
-                if wandb.run is not None:
-                    for k, v in summary.items():
-                        wandb.run.summary[k] = v
-                self.accelerator.end_training()
+                run = self._wandb_run()
+                if run is not None:
+                    # Commit the last history row first: committed later (at
+                    # finish) it would overwrite summary keys it shares, e.g.
+                    # the last epoch's examples_per_sec over the run's.
+                    run.log({}, commit=True)
+                    run.summary.update(summary)
+                # Not accelerator.end_training(): it also destroys the process
+                # group, and only this (main) process gets here.
+                for t in list(self.accelerator.trackers):
+                    t.finish()
+                self.wandb_on = False
             except Exception as exc:
                 self._tracker_failed(exc)
+
+
+def _is_wandb(t) -> bool:
+    """A tracker instance (``.name``) or accelerate's LoggerType / a plain string (``.value``)."""
+    return getattr(t, "name", None) == "wandb" or str(getattr(t, "value", t)).lower() == "wandb"
+
+
+def _precision(mixed_precision) -> str:
+    return "fp32" if mixed_precision in (None, "no") else str(mixed_precision)
+
+
+def _unwritable(path: Path) -> Optional[str]:
+    """None if ``path`` is (or can be made) a writable directory, else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    if not path.is_dir():
+        return "not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "permission denied"
+    return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from distalex import checkpoint
 from distalex.config import to_container
 from distalex.data import build_data
+from distalex.meters import TrainMeter
 from distalex.parallel import Placement, make_accelerator, setup
 from distalex.schedule import LRSchedule
 from distalex.tracking import RUN_FILES, RunLog, run_name
@@ -50,15 +51,11 @@ class Position:
 
 
 @dataclass
-class EpochStats:
-    """Running sums of the current epoch, kept on the device until read."""
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    seen: float = 0.0
+class Totals:
+    """Whole-run figures carried across resumes."""
+    train_examples: float = 0.0    # of finished (or final partial) epochs
     train_time: float = 0.0
-    wall_before: float = 0.0   # wall time of earlier (pre-resume) segments of the run
-    train_examples: float = 0.0
-    train_time_total: float = 0.0
+    wall_time: float = 0.0         # of earlier segments of the run (before a resume)
 
 
 class GracefulStop:
@@ -91,11 +88,6 @@ def prepare_output_dir(cfg, resume_path, is_main: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def evaluate(net, loader, batch_size: int, placement: Placement, accelerator, num_classes: int) -> dict:
     """Top-1 (and top-5) accuracy over the whole test set; ten-crop batches
@@ -123,189 +115,200 @@ def evaluate(net, loader, batch_size: int, placement: Placement, accelerator, nu
     return out
 
 
-def train(cfg) -> dict:
-    wall_start = time.perf_counter()
-    out_dir = Path(cfg.train.output_dir)
-    log_with = "wandb" if cfg.tracking.wandb else None
-    accelerator = make_accelerator(cfg, log_with=log_with, project_dir=str(out_dir))
-    placement = setup(cfg, accelerator)
-    for notice in placement.notices:
-        accelerator.print(f"distalex: {notice}")
+class Trainer:
+    """One run: built from the config, then ``fit()``.  Each method does one thing."""
 
-    resume_path = checkpoint.resolve(cfg.train.resume, cfg.train.output_dir)
-    state = checkpoint.read(resume_path) if resume_path else None
-    if state is not None:
-        checkpoint.check_architecture(state, placement.spec, resume_path)
-    prepare_output_dir(cfg, resume_path, placement.is_main)
-    data = build_data(cfg, placement.replica, placement.mesh.replicas, placement.device)
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.wall_start = time.perf_counter()
+        self.accelerator = make_accelerator(cfg, log_with="wandb" if cfg.tracking.wandb else None,
+                                            project_dir=cfg.train.output_dir)
+        self.placement = setup(cfg, self.accelerator)
+        for notice in self.placement.notices:
+            self.accelerator.print(f"distalex: {notice}")
+        # Everything that can refuse the run does so before anything is written.
+        resume_path = checkpoint.resolve(cfg.train.resume, cfg.train.output_dir)
+        state = checkpoint.read(resume_path) if resume_path else None
+        if state is not None:
+            checkpoint.check_architecture(state, self.placement.spec, resume_path)
+        self.data = build_data(cfg, self.placement.replica, self.placement.mesh.replicas, self.placement.device)
+        prepare_output_dir(cfg, resume_path, self.placement.is_main)
 
-    model = placement.build_model(cfg.model.init, cfg.train.seed)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, foreach=cfg.optim.foreach)
-    schedule = LRSchedule.from_config(cfg.optim)
-    position, stats = Position(), EpochStats()
-    # Dropout draws differ per rank; the data order does not depend on this RNG.
-    torch.manual_seed(cfg.train.seed * 1000 + placement.rank + 1)
-    if state is not None:
-        rng_restored = checkpoint.restore(state, placement, model, optimizer, schedule, accelerator.scaler)
-        position, stats = Position(**state["position"]), EpochStats(**state["stats"])
-        accelerator.print(f"distalex: resumed from {resume_path} at step {position.step} "
-                          f"(epoch {position.epoch}, batch {position.batch})"
-                          + ("" if rng_restored else "; placement changed, RNG streams start afresh"))
+        self.net = self.placement.build_model(cfg.model.init, cfg.train.seed)   # unwrapped
+        if cfg.train.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                    weight_decay=cfg.optim.weight_decay, foreach=cfg.optim.foreach)
+        self.schedule = LRSchedule.from_config(cfg.optim)
+        self.position, self.totals = Position(), Totals()
+        # Dropout draws differ per rank; the data order does not use this RNG.
+        torch.manual_seed(cfg.train.seed * 1000 + self.placement.rank + 1)
+        meter_state = {}
+        if state is not None:
+            same = checkpoint.restore(state, self.placement, self.net, optimizer, self.schedule,
+                                      self.accelerator.scaler)
+            self.position = Position(**state["position"])
+            self.totals = Totals(**state["stats"]["totals"])
+            meter_state = state["stats"]["meter"]
+            self.accelerator.print(f"distalex: resumed from {resume_path} at step {self.position.step} (epoch "
+                                   f"{self.position.epoch}, batch {self.position.batch})"
+                                   + ("" if same else "; placement changed, RNG streams start afresh"))
+        self.meter = TrainMeter(self.placement, **meter_state)
+        self.model = self.placement.wrap(self.net, self.accelerator)
+        self.optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        if cfg.train.cudnn_benchmark and self.placement.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
 
-    net = model                                   # unwrapped: evaluation, checkpoints
-    model = placement.wrap(model, accelerator)
-    optimizer = accelerator.prepare_optimizer(optimizer)
-    step_model = torch.compile(model) if cfg.train.compile else model
-    if cfg.train.cudnn_benchmark and placement.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        self.steps_per_epoch = self.data.train.batches_per_epoch
+        self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.eval_batch = max(1, (cfg.eval.batch_size or cfg.train.batch_size) // self.placement.mesh.replicas)
+        self.comm = self.placement.comm_bytes_per_step(self.net)
+        self.log = RunLog(cfg.train.output_dir, self.placement.is_main, self.accelerator, plots=cfg.tracking.plots)
+        if state is not None:
+            self.log.trim_after(self.position.step)
+        self.run_info = self._run_info()
+        self.log.start_wandb(cfg, {**self.run_info, "config": to_container(cfg)},
+                             run_name(cfg, self.placement.mesh.world_size, self.run_info["device"]))
+        self.last_eval: dict = {}
 
-    log = RunLog(cfg.train.output_dir, placement.is_main, accelerator)
-    if state is not None:
-        log.trim_after(position.step)
-    device_name = torch.cuda.get_device_name(placement.device) if placement.device.type == "cuda" else "cpu"
-    comm = placement.comm_bytes_per_step(net)
-    run_info = {"split_mode": cfg.split_mode, "world_size": placement.mesh.world_size,
-                "replicas": placement.mesh.replicas, "towers": cfg.model.towers,
-                "tower_processes": placement.mesh.towers, "mixed_precision": cfg.train.mixed_precision,
-                "global_batch": cfg.train.batch_size, "device": device_name}
-    log.start_wandb(cfg, {**run_info, "config": to_container(cfg)},
-                    run_name(cfg, placement.mesh.world_size, device_name))
+    def _run_info(self) -> dict:
+        p, cfg = self.placement, self.cfg
+        device = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else "cpu"
+        return {"split_mode": cfg.split_mode, "world_size": p.mesh.world_size, "replicas": p.mesh.replicas,
+                "towers": cfg.model.towers, "tower_processes": p.mesh.towers,
+                "mixed_precision": cfg.train.mixed_precision, "global_batch": cfg.train.batch_size,
+                "device": device}
 
-    train_loader, test_loader = data.train, data.test
-    eval_batch = (cfg.eval.batch_size or cfg.train.batch_size) // placement.mesh.replicas or 1
-    steps_per_epoch = train_loader.batches_per_epoch
-    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    last_row: dict = {}
-    stopper = GracefulStop()
-    progress = None
-    if placement.is_main and cfg.train.progress:
+    # -- the loop ---------------------------------------------------------------------
+    def fit(self) -> dict:
+        stopper = GracefulStop()
+        progress = self._progress_bar()
+        try:
+            while self.position.step < self.max_steps and self.position.epoch < self.cfg.train.epochs:
+                self.train_epoch(stopper, progress)
+                self.end_epoch()
+            if not self.last_eval:        # resumed at the end: evaluate the weights as loaded
+                self.last_eval = {"step": self.position.step, "epoch": self._epoch_float(), **self.evaluate()}
+                self.log.log(self.last_eval)
+                self.save()
+        finally:
+            stopper.restore()
+            if progress is not None:
+                progress.close()
+        return self.finish()
+
+    def train_epoch(self, stopper: GracefulStop, progress) -> None:
+        cfg, pos = self.cfg.train, self.position
+        if self.placement.tower_parallel:
+            self.net.stats.pop()          # count training exchanges only, not evaluation's
+        self.meter.start_clock()
+        for x, y in self.data.train.epoch(pos.epoch, pos.batch):
+            self.train_step(x, y)
+            pos.step += 1
+            pos.batch += 1
+            if progress is not None:
+                progress.update(1)
+            log_now = pos.step % cfg.log_every == 0
+            ckpt_now = bool(cfg.checkpoint_every) and pos.step % cfg.checkpoint_every == 0
+            stop_now = self.placement.any_rank(stopper.signum is not None)
+            last = pos.step >= self.max_steps
+            if log_now or ckpt_now or stop_now:
+                self.meter.stop_clock()
+                if log_now:
+                    self.log_step()
+                if ckpt_now or stop_now:
+                    path = self.save()
+                    if stop_now:
+                        raise Interrupted(stopper.signum or signal.SIGTERM, path)
+                self.meter.start_clock()
+            if last:
+                break
+        self.meter.stop_clock()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with self.accelerator.autocast():
+            logits = self.step_model(x)
+            loss = F.cross_entropy(logits, y)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meter.update(loss, logits, y, self.position.step + 1)
+
+    # -- what happens between steps -----------------------------------------------------
+    def log_step(self) -> None:
+        self.check_finite()
+        steps = int(self.meter.interval[1].item())
+        row = {"step": self.position.step, "epoch": self._epoch_float(), "loss": self.meter.interval_loss(),
+               "lr": self.schedule.lr, "examples_per_sec": self.meter.examples_per_sec(), **self.comm}
+        if self.placement.tower_parallel:
+            row["tower_bytes_per_step"] = self.net.stats.pop() // max(steps, 1)
+        if self.placement.device.type == "cuda":
+            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.placement.device)
+        self.log.log(row)
+
+    def end_epoch(self) -> None:
+        """Evaluate, log the epoch row, step the LR schedule, checkpoint."""
+        self.check_finite()
+        figures = self.meter.epoch_figures()
+        seen = figures.pop("seen")
+        self.last_eval = {"step": self.position.step, "epoch": self._epoch_float(), **figures,
+                          **self.evaluate(), "epoch_time_s": self.meter.train_time, "lr": self.schedule.lr}
+        self.log.log(self.last_eval)
+        self.totals.train_examples += seen
+        self.totals.train_time += self.meter.train_time
+        if self.position.batch >= self.steps_per_epoch:       # a whole epoch, not a max_steps stop
+            self.schedule.step_epoch(1.0 - self.last_eval["test_acc"])
+            self.schedule.apply(self.optimizer)
+            self.position = Position(epoch=self.position.epoch + 1, batch=0, step=self.position.step)
+            self.meter.new_epoch()
+        self.save()
+
+    def evaluate(self) -> dict:
+        return evaluate(self.net, self.data.test, self.eval_batch, self.placement, self.accelerator,
+                        self.data.num_classes)
+
+    def check_finite(self) -> None:
+        bad = self.meter.first_bad_step()
+        if bad >= 0:
+            raise NonFiniteLoss(f"loss is not finite at step {bad}; stopping. The last good checkpoint "
+                                f"is kept in {checkpoint.checkpoint_dir(self.cfg.train.output_dir)}")
+
+    def save(self):
+        """Checkpoint (a collective); never one with non-finite weights."""
+        self.check_finite()
+        finite = all(bool(torch.isfinite(p).all()) for p in self.net.parameters())
+        if self.placement.any_rank(not finite):
+            raise NonFiniteLoss(f"parameters are not finite after step {self.position.step}; stopping. The "
+                                f"last good checkpoint is kept in {checkpoint.checkpoint_dir(self.cfg.train.output_dir)}")
+        totals = {**asdict(self.totals), "wall_time": self._wall_time()}
+        return checkpoint.save(self.placement, self.model, self.optimizer, self.schedule, self.accelerator.scaler,
+                               asdict(self.position), {"meter": self.meter.state(), "totals": totals},
+                               to_container(self.cfg), self.cfg.train.output_dir, self.cfg.train.keep_checkpoints)
+
+    def finish(self) -> dict:
+        summary = {k: self.last_eval[k] for k in ("loss", "train_acc", "test_acc", "test_top5")
+                   if k in self.last_eval}
+        summary.update(self.run_info)
+        summary.update({"examples_per_sec": self.totals.train_examples / max(self.totals.train_time, 1e-9),
+                        "wall_time_s": self._wall_time(), "steps": self.position.step,
+                        "epochs": self._epoch_float(), "experiment": self.cfg.experiment, **self.comm})
+        self.log.finish(summary)
+        return summary
+
+    # -- small helpers ------------------------------------------------------------------
+    def _epoch_float(self) -> float:
+        return self.position.epoch + self.position.batch / self.steps_per_epoch
+
+    def _wall_time(self) -> float:
+        return self.totals.wall_time + time.perf_counter() - self.wall_start
+
+    def _progress_bar(self):
+        if not (self.placement.is_main and self.cfg.train.progress):
+            return None
         from tqdm.auto import tqdm
-        progress = tqdm(total=max_steps, initial=position.step, desc=cfg.experiment, dynamic_ncols=True)
-
-    dev = placement.device
-    sums = torch.tensor([stats.loss_sum, stats.correct, stats.seen], dtype=torch.float64, device=dev)
-    interval = torch.zeros(2, dtype=torch.float64, device=dev)       # loss sum, steps
-    bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
-
-    def save(pos: Position):
-        check_finite()
-        if placement.any_rank(not all(bool(torch.isfinite(p).all()) for p in net.parameters())):
-            raise NonFiniteLoss(f"parameters are not finite after step {pos.step}; stopping. The last good "
-                                f"checkpoint is kept in {checkpoint.checkpoint_dir(cfg.train.output_dir)}")
-        stats.loss_sum, stats.correct, stats.seen = sums.tolist()
-        saved = {**asdict(stats), "wall_before": stats.wall_before + time.perf_counter() - wall_start}
-        return checkpoint.save(placement, model, optimizer, schedule, accelerator.scaler, asdict(pos),
-                               saved, to_container(cfg), cfg.train.output_dir,
-                               cfg.train.keep_checkpoints)
-
-    def check_finite():
-        bad = int(bad_step.item())
-        if placement.any_rank(bad >= 0):
-            raise NonFiniteLoss(f"loss is not finite at step {bad if bad >= 0 else '?'}; stopping. "
-                                f"The last good checkpoint is kept in {checkpoint.checkpoint_dir(cfg.train.output_dir)}")
-
-    try:
-        done = position.step >= max_steps
-        while not done and position.epoch < cfg.train.epochs:
-            epoch = position.epoch
-            if placement.tower_parallel:
-                net.stats.pop()   # count training exchanges only, not evaluation's
-            _sync(dev)
-            t0 = time.perf_counter()
-            for x, y in train_loader.epoch(epoch, position.batch):
-                with accelerator.autocast():
-                    logits = step_model(x)
-                    loss = F.cross_entropy(logits, y)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                position.step += 1
-                position.batch += 1
-                loss = loss.detach().double()
-                sums += torch.stack([loss * y.numel(), (logits.argmax(1) == y).sum().double(),
-                                     torch.tensor(float(y.numel()), dtype=torch.float64, device=dev)])
-                interval += torch.stack([loss, torch.ones((), dtype=torch.float64, device=dev)])
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss),
-                                       torch.tensor(position.step, device=dev), bad_step)
-                if progress is not None:
-                    progress.update(1)
-
-                log_now = position.step % cfg.train.log_every == 0
-                ckpt_now = bool(cfg.train.checkpoint_every) and position.step % cfg.train.checkpoint_every == 0
-                stop_now = placement.any_rank(stopper.signum is not None)
-                if log_now or ckpt_now or stop_now or position.step >= max_steps:
-                    _sync(dev)
-                    now = time.perf_counter()
-                    stats.train_time += now - t0
-                    if log_now:
-                        check_finite()
-                        loss_sum, n = placement.sum_over_replicas(interval.clone()).tolist()
-                        last_row = {"step": position.step, "epoch": position.step / steps_per_epoch,
-                                    "loss": loss_sum / n, "lr": schedule.lr,
-                                    "examples_per_sec": _rate(stats, sums, placement)}
-                        last_row.update(comm)
-                        if placement.tower_parallel:
-                            last_row["tower_bytes_per_step"] = net.stats.pop() // int(interval[1].item())
-                        if dev.type == "cuda":
-                            last_row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev)
-                        log.log(last_row)
-                        interval.zero_()
-                    if ckpt_now or stop_now:
-                        path = save(position)
-                        if stop_now:
-                            raise Interrupted(stopper.signum if stopper.signum else signal.SIGTERM, path)
-                    t0 = time.perf_counter()
-                if position.step >= max_steps:
-                    done = True
-                    break
-            _sync(dev)
-            stats.train_time += time.perf_counter() - t0
-            check_finite()
-            epoch_done = position.batch >= steps_per_epoch
-            metrics = evaluate(net, test_loader, eval_batch, placement, accelerator, data.num_classes)
-            loss_sum, correct, seen = placement.sum_over_replicas(sums.clone()).tolist()
-            rate = _rate(stats, sums, placement)
-            row = {"step": position.step, "epoch": position.step / steps_per_epoch,
-                   "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                   **metrics, "examples_per_sec": rate, "epoch_time_s": stats.train_time,
-                   "lr": schedule.lr}
-            log.log(row)
-            last_row = row
-            stats.train_examples += seen
-            stats.train_time_total += stats.train_time
-            if epoch_done:
-                schedule.step_epoch(1.0 - metrics["test_acc"])
-                schedule.apply(optimizer)
-                position = Position(epoch=epoch + 1, batch=0, step=position.step)
-                sums.zero_()
-                stats.train_time = 0.0
-            save(position)
-        if "test_acc" not in last_row:   # resumed at max_steps: evaluate the weights as loaded
-            last_row = {"step": position.step, "epoch": position.step / steps_per_epoch,
-                        **evaluate(net, test_loader, eval_batch, placement, accelerator, data.num_classes)}
-            log.log(last_row)
-            save(position)
-        stopper.restore()
-    finally:
-        if progress is not None:
-            progress.close()
-
-    wall = stats.wall_before + time.perf_counter() - wall_start
-    summary = {k: last_row.get(k) for k in ("loss", "train_acc", "test_acc", "test_top5")
-               if k in last_row}
-    summary.update(run_info)
-    summary.update({"examples_per_sec": stats.train_examples / max(stats.train_time_total, 1e-9),
-                    "wall_time_s": wall, "steps": position.step, "epochs": position.step / steps_per_epoch,
-                    "experiment": cfg.experiment, **comm})
-    log.finish(summary)
-    return summary
+        return tqdm(total=self.max_steps, initial=self.position.step, desc=self.cfg.experiment, dynamic_ncols=True)
 
 
-def _rate(stats: EpochStats, sums: torch.Tensor, placement: Placement) -> float:
-    """Training examples/sec of this epoch (global examples; training steps only, as d2l)."""
-    seen_local = float(sums[2].item())
-    return seen_local * placement.mesh.replicas / max(stats.train_time, 1e-9)
+def train(cfg) -> dict:
+    return Trainer(cfg).fit()

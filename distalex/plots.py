@@ -1,0 +1,148 @@
+"""Training curves and run comparisons with matplotlib (Agg: no display needed).
+
+``plot_curves`` draws what d2l's Animator shows during training -- train loss,
+train accuracy and test accuracy against epoch -- from the rows of a run's
+``metrics.jsonl``.  ``plot_comparison`` overlays several runs' curves and adds
+a throughput bar chart.  Both write PNGs atomically (temporary file, then
+rename), so a reader never sees a half-written image.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot; training runs on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+Series = Tuple[List[float], List[float]]
+
+
+def _num(v) -> Optional[float]:
+    """A finite number, or None (metrics.jsonl stores NaN/inf as strings)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _series(rows: Iterable[dict], key: str) -> Series:
+    xs, ys = [], []
+    for r in rows:
+        x, y = _num(r.get("epoch")), _num(r.get(key))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def curve_series(rows: Sequence[dict]) -> dict:
+    """{'train loss', 'train acc', 'test acc'} -> (epochs, values).
+
+    Epoch rows are those with ``test_acc``.  Train loss uses the per-interval
+    step rows when the run logged any (a finer curve, like d2l's), else the
+    epoch rows; the accuracies come from the epoch rows.
+    """
+    epoch_rows = [r for r in rows if "test_acc" in r]
+    step_rows = [r for r in rows if "test_acc" not in r and "train_acc" not in r]
+    loss = _series(step_rows, "loss")
+    if not loss[0]:
+        loss = _series(epoch_rows, "loss")
+    return {"train loss": loss, "train acc": _series(epoch_rows, "train_acc"),
+            "test acc": _series(epoch_rows, "test_acc")}
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _epoch_axis(ax, xs_all: List[float]) -> None:
+    ax.set_xlabel("epoch")
+    if xs_all:
+        hi = max(xs_all)
+        ax.set_xlim(0, max(hi, 1.0) * 1.02)
+    ax.grid(True, alpha=0.3)
+
+
+STYLE = {"train loss": dict(linestyle="-", color="C0"),
+         "train acc": dict(linestyle="--", color="C1"),
+         "test acc": dict(linestyle="-.", color="C2")}
+
+
+def plot_curves(rows: Sequence[dict], path, title: Optional[str] = None) -> Optional[Path]:
+    """Write the d2l-style curves of one run; returns the path, or None when
+    there is nothing to plot yet."""
+    series = curve_series(rows)
+    if not any(xs for xs, _ in series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    xs_all = []
+    for label, (xs, ys) in series.items():
+        if not xs:
+            continue
+        xs_all += xs
+        marker = "o" if len(xs) <= 20 and label != "train loss" else None
+        ax.plot(xs, ys, label=label, marker=marker, markersize=4, **STYLE[label])
+    _epoch_axis(ax, xs_all)
+    ax.legend(loc="best", fontsize="small")
+    if title:
+        ax.set_title(title, fontsize="small")
+    return _save(fig, path)
+
+
+def plot_comparison(runs: Sequence[dict], path) -> Path:
+    """Several runs side by side.  Each run: {'label', 'rows' (metrics.jsonl
+    rows, may be empty), 'examples_per_sec' (may be None)}.
+
+    Left: train loss; middle: test accuracy (solid) and train accuracy
+    (dashed); right: training throughput, one bar per run.
+    """
+    fig, (ax_loss, ax_acc, ax_bar) = plt.subplots(1, 3, figsize=(14, 4))
+    loss_x, acc_x = [], []
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        series = curve_series(run.get("rows") or [])
+        xs, ys = series["train loss"]
+        if xs:
+            ax_loss.plot(xs, ys, color=color, label=run["label"])
+            loss_x += xs
+        for key, style, label in (("test acc", "-", f"{run['label']} test"),
+                                  ("train acc", "--", f"{run['label']} train")):
+            xs, ys = series[key]
+            if xs:
+                ax_acc.plot(xs, ys, linestyle=style, color=color, label=label,
+                            marker="o" if len(xs) <= 20 else None, markersize=3)
+                acc_x += xs
+    ax_loss.set_title("train loss")
+    ax_acc.set_title("accuracy")
+    _epoch_axis(ax_loss, loss_x)
+    _epoch_axis(ax_acc, acc_x)
+    for ax in (ax_loss, ax_acc):
+        if ax.lines:
+            ax.legend(loc="best", fontsize="x-small")
+
+    labels = [run["label"] for run in runs]
+    rates = [_num(run.get("examples_per_sec")) or 0.0 for run in runs]
+    bars = ax_bar.bar(range(len(runs)), rates, color=[f"C{i % 10}" for i in range(len(runs))])
+    for bar, rate in zip(bars, rates):
+        ax_bar.annotate(f"{rate:,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize="small")
+    ax_bar.set_xticks(range(len(runs)))
+    ax_bar.set_xticklabels(labels, rotation=20, ha="right", fontsize="small")
+    ax_bar.set_ylabel("examples / sec")
+    ax_bar.set_title("training throughput")
+    ax_bar.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

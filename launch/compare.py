@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Compare finished runs side by side.
+
+    python launch/compare.py RUN_DIR [RUN_DIR ...] [--out PATH]
+
+Reads each run's ``summary.json`` (and ``metrics.jsonl`` for the curves),
+prints a table -- split mode, world size W, towers, precision, final test
+accuracy, training examples/sec, wall time, and the speed-up in examples/sec
+relative to the FIRST run -- and writes ``comparison.png`` (the runs' curves
+overlaid and a throughput bar chart) and ``comparison.json`` (the table's
+numbers).  ``--out`` is a directory for both files (default: the current
+directory), or a ``.png`` path (the JSON goes beside it with a ``.json``
+suffix).
+
+Exit status: 0 success, 2 bad input (a missing run directory, a missing or
+unreadable summary.json), 1 other failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+COLUMNS = [  # (header, key, format)
+    ("run", "label", "{}"),
+    ("split", "split_mode", "{}"),
+    ("W", "world_size", "{}"),
+    ("towers", "towers", "{}"),
+    ("precision", "precision", "{}"),
+    ("test acc", "test_acc", "{:.4f}"),
+    ("examples/s", "examples_per_sec", "{:.1f}"),
+    ("wall s", "wall_time_s", "{:.1f}"),
+    ("speed-up", "speedup", "{:.2f}x"),
+]
+
+
+class BadInput(Exception):
+    """A run directory that cannot be compared (exit status 2)."""
+
+
+def _number(v) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _read_rows(path: Path) -> list:
+    rows = []
+    try:
+        with open(path) as fh:
+            for line in fh:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue   # a torn last line of a killed run: skip it
+    except OSError:
+        return []
+    return rows
+
+
+def load_run(run_dir: str) -> dict:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise BadInput(f"run directory '{run_dir}' does not exist")
+    summary_path = path / "summary.json"
+    if not summary_path.is_file():
+        raise BadInput(f"'{run_dir}' has no summary.json (not a finished distalex run)")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"'{summary_path}' is not readable JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(summary, dict):
+        raise BadInput(f"'{summary_path}' does not hold a JSON object")
+    mp = summary.get("mixed_precision")
+    return {
+        "dir": str(path),
+        "label": path.resolve().name or str(path),
+        "split_mode": summary.get("split_mode"),
+        "world_size": summary.get("world_size"),
+        "towers": summary.get("towers"),
+        "mixed_precision": mp,
+        "precision": None if mp is None else ("fp32" if mp == "no" else mp),
+        "device": summary.get("device"),
+        "test_acc": _number(summary.get("test_acc")),
+        "examples_per_sec": _number(summary.get("examples_per_sec")),
+        "wall_time_s": _number(summary.get("wall_time_s")),
+        "rows": _read_rows(path / "metrics.jsonl"),
+    }
+
+
+def load_runs(run_dirs: List[str]) -> List[dict]:
+    runs = [load_run(d) for d in run_dirs]
+    # Unique labels: the directory name, or the path as given where names repeat.
+    names = [r["label"] for r in runs]
+    for r in runs:
+        if names.count(r["label"]) > 1:
+            r["label"] = r["dir"]
+    base = runs[0]["examples_per_sec"]
+    for r in runs:
+        rate = r["examples_per_sec"]
+        r["speedup"] = rate / base if rate is not None and base else None
+    return runs
+
+
+def format_table(runs: List[dict]) -> str:
+    cells = [[h for h, _, _ in COLUMNS]]
+    for r in runs:
+        cells.append([("-" if r.get(k) is None else fmt.format(r[k])) for _, k, fmt in COLUMNS])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def output_paths(out: Optional[str]) -> tuple:
+    if out is None:
+        return Path("comparison.png"), Path("comparison.json")
+    p = Path(out)
+    if p.suffix.lower() == ".png":
+        return p, p.with_suffix(".json")
+    return p / "comparison.png", p / "comparison.json"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="launch/compare.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="train.output_dir of finished runs; the first is the speed-up baseline")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="directory for comparison.png/.json (default: current directory), or a .png path")
+    args = parser.parse_args(argv)
+    png, js = output_paths(args.out)
+    try:
+        runs = load_runs(args.run_dirs)
+        try:
+            png.parent.mkdir(parents=True, exist_ok=True)
+            js.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BadInput(f"cannot write to '{args.out}' ({exc.strerror or exc})") from None
+    except BadInput as exc:
+        print(f"compare: error: {exc}", file=sys.stderr)
+        return 2
+
+    print(format_table(runs))
+    print(f"speed-up: examples/sec relative to {runs[0]['label']}")
+
+    from distalex.plots import plot_comparison
+    table = [{k: v for k, v in r.items() if k != "rows"} for r in runs]
+    try:
+        plot_comparison(runs, png)
+        tmp = js.with_name(js.name + ".tmp")
+        tmp.write_text(json.dumps({"baseline": runs[0]["dir"], "png": str(png), "runs": table}, indent=2) + "\n")
+        tmp.replace(js)
+    except OSError as exc:
+        print(f"compare: error: cannot write to '{args.out or '.'}' ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    print(f"wrote {png} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
