@@ -197,6 +197,7 @@ def validate(cfg: DictConfig) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got '{o.schedule}'")
     _require(0 < o.plateau_factor < 1, "optim.plateau_factor", f"must be in (0, 1), got {o.plateau_factor}")
+    _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     _require(o.plateau_patience >= 0, "optim.plateau_patience", f"must be >= 0, got {o.plateau_patience}")
 
 

@@ -48,6 +48,10 @@ class LRSchedule:
     def state_dict(self) -> dict:
         return asdict(self)
 
+    # Progress comes from the checkpoint; the settings (kind, factor, patience,
+    # min_lr) stay those of the resumed run's config.
+    PROGRESS = ("lr", "best", "bad_epochs", "reductions")
+
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        for key in self.PROGRESS:
+            setattr(self, key, state[key])
