@@ -37,6 +37,12 @@ class CommStats:
     def __init__(self) -> None:
         self.bytes_sent = 0
 
+    def count(self, n: int) -> None:
+        # Not while torch.compile traces: a Python counter would be a guard that
+        # changes every step and forces a recompile each time.
+        if not torch.compiler.is_compiling():
+            self.bytes_sent += n
+
     def pop(self) -> int:
         sent, self.bytes_sent = self.bytes_sent, 0
         return sent
@@ -52,14 +58,14 @@ class _GatherChannels(torch.autograd.Function):
         parts = [torch.empty_like(x) for _ in range(towers)]
         dist.all_gather(parts, x, group=group)
         ctx.group, ctx.towers, ctx.tower, ctx.stats = group, towers, tower, stats
-        stats.bytes_sent += (towers - 1) * x.numel() * x.element_size()
+        stats.count((towers - 1) * x.numel() * x.element_size())
         return torch.cat(parts, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
-        ctx.stats.bytes_sent += 2 * (ctx.towers - 1) * grad.numel() * grad.element_size() // ctx.towers
+        ctx.stats.count(2 * (ctx.towers - 1) * grad.numel() * grad.element_size() // ctx.towers)
         return grad.chunk(ctx.towers, dim=1)[ctx.tower].contiguous(), None, None, None, None
 
 
@@ -71,7 +77,7 @@ class _SumOverTowers(torch.autograd.Function):
     def forward(ctx, x, group, towers, stats):
         x = x.contiguous().clone()
         dist.all_reduce(x, group=group)
-        stats.bytes_sent += 2 * (towers - 1) * x.numel() * x.element_size() // towers
+        stats.count(2 * (towers - 1) * x.numel() * x.element_size() // towers)
         return x
 
     @staticmethod

@@ -242,7 +242,9 @@ class Trainer:
         row = {"step": self.position.step, "epoch": self._epoch_float(), "loss": self.meter.interval_loss(),
                "lr": self.schedule.lr, "examples_per_sec": self.meter.examples_per_sec(), **self.comm}
         if self.placement.tower_parallel:
-            row["tower_bytes_per_step"] = self.net.stats.pop() // max(steps, 1)
+            sent = self.net.stats.pop() // max(steps, 1)
+            if sent:           # not counted under torch.compile
+                row["tower_bytes_per_step"] = self.comm["tower_bytes_per_step"] = sent
         if self.placement.device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.placement.device)
         self.log.log(row)

@@ -9,7 +9,8 @@ from conftest import QUICK, cli_env, free_port, latest_checkpoint, launch_cmd, r
 from distalex.checkpoint import load_reference, read
 
 STEPS = 8
-SAME = QUICK + ["model.dropout=0", f"train.max_steps={STEPS}", "train.log_every=1"]
+# fp32: the invariance is proven "up to float rounding" at fp32's rounding.
+SAME = QUICK + ["model.dropout=0", f"train.max_steps={STEPS}", "train.log_every=1", "train.mixed_precision=no"]
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def runs(tmp_path_factory):
     data = make_folder(root / "data", CLASSES, N_TRAIN, N_VAL)
     # Dropout off so that every placement computes the same function (§5.1); the
     # paper config's towers=2 throughout, so `single` is the reference for both.
-    same = [f"train.epochs={EPOCHS}", "train.log_every=1", "model.dropout=0"]
+    same = [f"train.epochs={EPOCHS}", "train.log_every=1", "model.dropout=0", "train.mixed_precision=no"]
     plan = {"single": (1, ["--split-mode", "single"]),
             "ddp": (2, ["--split-mode", "ddp", "data.num_workers=1"]),   # DataLoader workers too
             "mp": (2, ["--split-mode", "model-parallel"])}

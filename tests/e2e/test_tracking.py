@@ -10,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from distalex.config import resolve_precision
 from PIL import Image
 
 from conftest import ROOT, TINY, TRAIN, cli_env, metrics, summary
@@ -150,12 +152,13 @@ def test_offline_wandb_run_has_run_facts_config_and_final_summary(offline_run):
     assert list((tmp / "cwd").iterdir()) == []       # nothing in the working directory
     run = read_offline_run(runs[0])
 
-    assert run["run"]["name"] == "tiny-single-1xcpu-fp32"
+    precision = resolve_precision("auto")            # the default: bf16 where the CPU has it
+    assert run["run"]["name"] == f"tiny-single-1xcpu-{'fp32' if precision == 'no' else precision}"
     assert (run["run"]["group"], run["run"]["job_type"], run["run"]["project"]) == ("tiny", "single", "distalex")
     config = run["config"]
     assert set(RUN_FACTS) <= set(config)
     assert (config["split_mode"], config["world_size"], config["replicas"], config["towers"]) == ("single", 1, 1, 1)
-    assert (config["mixed_precision"], config["global_batch"], config["device"]) == ("no", 32, "cpu")
+    assert (config["mixed_precision"], config["global_batch"], config["device"]) == (precision, 32, "cpu")
     full = config["config"]                            # the full experiment config
     assert full["experiment"] == "tiny" and full["train"]["batch_size"] == 32
     assert full["data"]["train_limit"] == 256 and full["model"]["width"] == 0.125
@@ -201,7 +204,8 @@ def test_compare_two_real_runs_prints_their_summaries(offline_run, broken_run, t
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("run-")}
     sa, sb = summary(a), summary(b)
     for label, s in (("run-offline", sa), ("run-broken", sb)):
-        assert lines[label][1:8] == [s["split_mode"], str(s["world_size"]), str(s["towers"]), "fp32",
+        precision = "fp32" if s["mixed_precision"] == "no" else s["mixed_precision"]
+        assert lines[label][1:8] == [s["split_mode"], str(s["world_size"]), str(s["towers"]), precision,
                                      f"{s['test_acc']:.4f}", f"{s['examples_per_sec']:.1f}",
                                      f"{s['wall_time_s']:.1f}"]
     assert lines["run-offline"][8] == "1.00x"

@@ -35,3 +35,16 @@ def test_config_is_read_only():
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_precision_spellings_and_auto(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    # A bare `no` is YAML's boolean false; it must still mean fp32.
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=fp32"]).train.mixed_precision == "no"
+    import torch
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert load_config(None, []).train.mixed_precision == ("bf16" if native else "no")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")     # accelerate launch --mixed_precision fp16
+    assert load_config(None, []).train.mixed_precision == "fp16"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"

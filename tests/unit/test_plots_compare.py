@@ -173,7 +173,7 @@ def test_runlog_wandb_init_arguments(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     acc = FakeAccelerator()
-    c = cfg("split_mode=ddp", "tracking.project=proj")
+    c = cfg("split_mode=ddp", "tracking.project=proj", "train.mixed_precision=no")
     log = RunLog(tmp_path / "run", True, acc)
     log.start_wandb(c, {"split_mode": "ddp"}, run_name(c, 4, "NVIDIA H100 80GB HBM3"))
     (project, config, init), = acc.inits

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# GPU check (issue 7 §4), for one GPU: the seed experiment with distalex
+# (default config = d2l's AlexNet chapter: 10 epochs, full Fashion-MNIST at 224,
+# batch 128, SGD lr 0.01) with the GPU fast paths, then ONE epoch of the seed's
+# own pipeline (bench/seed_baseline.py: PIL Resize+ToTensor, 4 DataLoader
+# workers, fp32 train_ch6).  Prints test accuracy, the distalex wall time and the
+# throughput ratios (end to end and training steps only).  Installs nothing.
+#
+#   bash bench/gpu_check.sh                 # EPOCHS=10
+#   EPOCHS=3 bash bench/gpu_check.sh        # shorter, if the lease is tight
+#
+# Time: on an H100 the distalex part should take ~1-3 min for 10 epochs (the
+# seed net is ~5.6 GFLOP per image, 600k images) and the baseline epoch
+# well under a minute; each part has its own `timeout` (DISTALEX_TIMEOUT,
+# BASELINE_TIMEOUT; defaults 330 s and 180 s, so the script ends within ~9 min
+# whatever happens).  If distalex hits its limit it is stopped with SIGTERM,
+# writes a checkpoint and the script reports the epochs it finished.
+#
+# Environment (all optional):
+#   EPOCHS=10            distalex epochs (the seed's 10)
+#   FAST="train.mixed_precision=bf16 train.channels_last=true"   distalex fast paths
+#   EXTRA=""             more distalex overrides (e.g. data.train_limit=2048 for a dry run)
+#   BASELINE_ARGS=""     more bench/seed_baseline.py arguments (e.g. --train-limit 2048)
+#   PYTHON=python3       interpreter with torch, torchvision, accelerate (the device image has them)
+#   DISTALEX_DATA        folder with the four Fashion-MNIST IDX files (.gz or unpacked)
+#   OUT=/tmp/gpu_check   where the small result files go (gpu_check.json, logs, metrics)
+#   ALLOW_CPU=1          run without a GPU (only for a dry run of this script)
+#
+# The device machine has no network and no omegaconf/wandb and maybe no Debian
+# dataset.  Prepare here, once, and carry `.gpu` (about 33 MB):
+#   echo /.gpu/ >> .git/info/exclude
+#   mkdir -p .gpu/pydeps .gpu/fashion-mnist
+#   cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/
+#   cp -r /tmp/venv/lib/python3.11/site-packages/omegaconf .gpu/pydeps/   # pure Python; needs only PyYAML
+# then: run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=590)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+EPOCHS="${EPOCHS:-10}"
+FAST="${FAST:-train.mixed_precision=bf16 train.channels_last=true}"
+EXTRA="${EXTRA:-}"
+BASELINE_ARGS="${BASELINE_ARGS:-}"
+DISTALEX_TIMEOUT="${DISTALEX_TIMEOUT:-330}"
+BASELINE_TIMEOUT="${BASELINE_TIMEOUT:-180}"
+OUT="${OUT:-/tmp/gpu_check}"
+RUNS="${RUNS:-/tmp/gpu_check_runs}"      # checkpoints (~190 MB each) stay out of $OUT
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT" "$RUNS"
+rm -f "$OUT"/distalex_summary.json "$OUT"/distalex_metrics.jsonl "$OUT"/baseline.json "$OUT"/gpu_check.json \
+      "$OUT"/distalex.log "$OUT"/baseline.log
+
+# Import path: the repository (no install), plus carried pure-Python packages if needed.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import omegaconf" 2>/dev/null && [ -d "$ROOT/.gpu/pydeps" ]; then
+    export PYTHONPATH="$ROOT/.gpu/pydeps:$PYTHONPATH"
+fi
+export WANDB_MODE=disabled PYTHONUNBUFFERED=1 DISTALEX_NO_DOWNLOAD=1
+
+# Data: the first folder holding the four files.
+if [ -z "${DISTALEX_DATA:-}" ]; then
+    for d in /usr/share/datasets/fashion-mnist "$ROOT/.gpu/fashion-mnist" "$ROOT/data/fashion-mnist"; do
+        if [ -e "$d/t10k-labels-idx1-ubyte.gz" ] || [ -e "$d/t10k-labels-idx1-ubyte" ]; then
+            export DISTALEX_DATA="$d"; break
+        fi
+    done
+fi
+if [ -z "${DISTALEX_DATA:-}" ]; then
+    echo "gpu_check: Fashion-MNIST not found; set DISTALEX_DATA or carry .gpu/fashion-mnist (see the header)" >&2
+    exit 2
+fi
+
+"$PY" - <<'EOF' || exit 2
+import os, sys
+missing = []
+for mod in ("torch", "torchvision", "accelerate", "omegaconf", "distalex"):
+    try:
+        __import__(mod)
+    except Exception as exc:
+        missing.append(f"{mod} ({exc})")
+if missing:
+    sys.exit("gpu_check: cannot import " + ", ".join(missing) + "; nothing is installed here (see the header)")
+import torch, torchvision, accelerate
+cuda = torch.cuda.is_available()
+print(f"gpu_check: python {sys.version.split()[0]}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"accelerate {accelerate.__version__}, device {torch.cuda.get_device_name(0) if cuda else 'cpu'}, "
+      f"data {os.environ['DISTALEX_DATA']}", flush=True)
+if not cuda and not os.environ.get("ALLOW_CPU"):
+    sys.exit("gpu_check: no CUDA device (set ALLOW_CPU=1 for a dry run)")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "gpu_check: /dev/shm " $2 " (DataLoader workers of the baseline need a few hundred MB)"}'
+
+now() { date +%s.%N; }
+
+# ---------------------------------------------------------------- distalex: the seed experiment
+DIR="$RUNS/distalex"
+rm -rf "$DIR"
+echo "gpu_check: distalex, $EPOCHS epochs: $FAST $EXTRA" 
+t0=$(now)
+# shellcheck disable=SC2086
+timeout --signal=TERM --kill-after=30 "$DISTALEX_TIMEOUT" \
+    "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --dynamo_backend no \
+    launch/train.py --split-mode single tracking.wandb=false train.progress=false \
+    "train.output_dir=$DIR" "train.epochs=$EPOCHS" $FAST $EXTRA 2>&1 | tee "$OUT/distalex.log" | grep -v -i warn
+DX_RC=${PIPESTATUS[0]}
+t1=$(now)
+echo "gpu_check: distalex exit $DX_RC after $(awk "BEGIN{print $t1 - $t0}") s"
+cp "$DIR/summary.json" "$OUT/distalex_summary.json" 2>/dev/null
+cp "$DIR/metrics.jsonl" "$OUT/distalex_metrics.jsonl" 2>/dev/null
+
+# ---------------------------------------------------------------- baseline: one epoch of the seed's pipeline
+echo "gpu_check: baseline (seed pipeline), 1 epoch"
+t2=$(now)
+# shellcheck disable=SC2086
+timeout --signal=TERM --kill-after=20 "$BASELINE_TIMEOUT" \
+    "$PY" bench/seed_baseline.py --epochs 1 --cache-dir "$RUNS/fmnist-cache" --json-out "$OUT/baseline.json" \
+    $BASELINE_ARGS 2>&1 | tee "$OUT/baseline.log" | grep -v -i warn
+BL_RC=${PIPESTATUS[0]}
+t3=$(now)
+echo "gpu_check: baseline exit $BL_RC after $(awk "BEGIN{print $t3 - $t2}") s"
+
+# ---------------------------------------------------------------- report
+DX_RC=$DX_RC BL_RC=$BL_RC DX_PROC_S=$(awk "BEGIN{print $t1 - $t0}") BL_PROC_S=$(awk "BEGIN{print $t3 - $t2}") \
+EPOCHS="$EPOCHS" FAST="$FAST" EXTRA="$EXTRA" OUTDIR="$OUT" "$PY" - <<'EOF'
+import json, os
+from pathlib import Path
+out = Path(os.environ["OUTDIR"])
+def load(name):
+    p = out / name
+    return json.loads(p.read_text()) if p.is_file() else None
+dx, bl = load("distalex_summary.json"), load("baseline.json")
+epochs = []
+if (out / "distalex_metrics.jsonl").is_file():
+    epochs = [json.loads(l) for l in (out / "distalex_metrics.jsonl").read_text().splitlines()
+              if l.strip() and "test_acc" in l]
+rep = {"epochs_asked": int(os.environ["EPOCHS"]), "fast": os.environ["FAST"], "extra": os.environ["EXTRA"],
+       "distalex_rc": int(os.environ["DX_RC"]), "baseline_rc": int(os.environ["BL_RC"]),
+       "distalex_process_s": float(os.environ["DX_PROC_S"]), "baseline_process_s": float(os.environ["BL_PROC_S"])}
+print("\n================ gpu_check ================")
+for e in epochs:
+    print(f"  distalex epoch {e['epoch']:.2f}: loss {e.get('loss', float('nan')):.4f}, train acc "
+          f"{e.get('train_acc', float('nan')):.4f}, test acc {e['test_acc']:.4f}, "
+          f"{e.get('examples_per_sec', 0):.0f} ex/s (steps)")
+if dx is None and epochs:
+    # Stopped by its timeout (SIGTERM: checkpoint written, no summary): the finished epochs.
+    last = epochs[-1]
+    seen = sum(e["examples_per_sec"] * e["epoch_time_s"] for e in epochs if "epoch_time_s" in e)
+    steps_t = sum(e["epoch_time_s"] for e in epochs if "epoch_time_s" in e)
+    dx = {"steps": last["step"], "epochs": last["epoch"], "test_acc": last["test_acc"],
+          "examples_per_sec": seen / max(steps_t, 1e-9), "wall_time_s": rep["distalex_process_s"],
+          "device": "(interrupted run)", "interrupted": True}
+    rep["distalex_interrupted"] = True
+    print("distalex: stopped by its timeout; figures of the finished epochs, wall = process time")
+if dx:
+    ex = dx["steps"] * dx.get("global_batch", 128)
+    rep.update({"device": dx.get("device"), "distalex_test_acc": dx.get("test_acc"),
+                "distalex_epochs": dx.get("epochs"), "distalex_wall_s": dx["wall_time_s"],
+                "distalex_train_ex_s": dx["examples_per_sec"], "distalex_e2e_ex_s": ex / dx["wall_time_s"],
+                "distalex_mixed_precision": dx.get("mixed_precision")})
+    print(f"distalex: {dx.get('epochs', 0):.2f} epochs on {dx.get('device')}, test acc {dx.get('test_acc', 0):.4f} "
+          f"(target >= 0.88), wall {dx['wall_time_s']:.1f} s in-run ({rep['distalex_process_s']:.1f} s process), "
+          f"{dx['examples_per_sec']:.0f} ex/s steps, {rep['distalex_e2e_ex_s']:.0f} ex/s end to end")
+else:
+    print("distalex: no summary (see distalex.log)")
+if bl:
+    rep.update({"baseline_test_acc": bl["test_acc"], "baseline_train_ex_s": bl["examples_per_sec"],
+                "baseline_e2e_ex_s": bl["e2e_examples_per_sec"], "baseline_wall_s": bl["wall_time_s"],
+                "baseline_epochs": bl["epochs"]})
+    print(f"baseline: {bl['epochs']:.2f} epoch, test acc {bl['test_acc']:.4f}, {bl['examples_per_sec']:.0f} ex/s steps "
+          f"(d2l's figure), {bl['e2e_examples_per_sec']:.0f} ex/s end to end, wall {bl['wall_time_s']:.1f} s")
+else:
+    print("baseline: no result (see baseline.log)")
+if dx and bl:
+    rep["ratio_e2e"] = rep["distalex_e2e_ex_s"] / bl["e2e_examples_per_sec"]
+    rep["ratio_train"] = dx["examples_per_sec"] / bl["examples_per_sec"]
+    rep["baseline_wall_projected_s"] = bl["wall_time_s"] * rep["epochs_asked"] / max(bl["epochs"], 1e-9)
+    print(f"ratio distalex/baseline: end to end {rep['ratio_e2e']:.2f}x (target >= 5), training steps "
+          f"{rep['ratio_train']:.2f}x; baseline's {rep['epochs_asked']} epochs would take ~"
+          f"{rep['baseline_wall_projected_s']:.0f} s vs distalex's {dx['wall_time_s']:.0f} s")
+(out / "gpu_check.json").write_text(json.dumps(rep, indent=2) + "\n")
+print(f"results: {out}/gpu_check.json")
+EOF
+[ "$DX_RC" -eq 0 ] && [ "$BL_RC" -eq 0 ]
