@@ -1,6 +1,5 @@
 """The README's test block is what CI runs; shipped configs load and validate."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml
