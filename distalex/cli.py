@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         from distalex.train import Interrupted, NonFiniteLoss, RunDirError, train
     except BAD_INPUT as exc:
         return _fail(str(exc), 2)
+    from distalex.parallel import shutdown
     try:
         summary = train(cfg)
     except BAD_INPUT + (RunDirError,) as exc:
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
         if _rank() == 0:
             print(f"distalex: {exc}", file=sys.stderr, flush=True)
         return 128 + int(exc.signum)
+    finally:
+        shutdown()
     if _rank() == 0:
         keys = ("loss", "train_acc", "test_acc", "examples_per_sec", "wall_time_s")
         print("distalex: done: " + ", ".join(f"{k} {summary[k]:.4g}" for k in keys if summary.get(k) is not None)

@@ -189,3 +189,11 @@ def process_groups(mesh: Mesh, device_type: str):
     if mesh.replicas > 1:
         return None, dist.group.WORLD
     return None, None
+
+
+def shutdown() -> None:
+    """Tear the process groups down before the interpreter exits: left to
+    interpreter teardown, gloo's threads can abort the process (SIGABRT,
+    "terminate called without an active exception") after a successful run."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
