@@ -280,6 +280,14 @@ def figures_table(rows: dict, order: list) -> str:
 
 # --------------------------------------------------------------------------- modes
 
+def alternating_rounds(items, repeat: int):
+    """(round, item) for every item, ``repeat`` rounds, the order reversed every
+    other round so that drift in the shared machine's load hits all rows alike."""
+    for rep in range(repeat):
+        for item in (items if rep % 2 == 0 else list(reversed(items))):
+            yield rep, item
+
+
 def bench(args, sched, work) -> dict:
     extra = list(args.set)
     specs = [
@@ -290,17 +298,16 @@ def bench(args, sched, work) -> dict:
         ("e", ("single, model.towers=2", "single", 1, ["model.towers=2"] + extra)),
     ]
     runs = []
-    for rep in range(args.repeat):
-        for name, spec in (specs if rep % 2 == 0 else list(reversed(specs))):
-            print(f"[bench] round {rep + 1}/{args.repeat}: row {name} ...", flush=True)
-            if spec is None:
-                row = run_baseline(sched, work, args.timeout)
-            else:
-                row = run_distalex(name, *spec, sched, work, args.timeout)
-            msg = row.get("error") or (f"train {row['train']:.1f}, e2e {row['e2e']:.1f} ex/s, "
-                                       f"test_acc {fmt(row.get('test_acc'), 4)}")
-            print(f"[bench]   {name}: {msg}", flush=True)
-            runs.append(row)
+    for rep, (name, spec) in alternating_rounds(specs, args.repeat):
+        print(f"[bench] round {rep + 1}/{args.repeat}: row {name} ...", flush=True)
+        if spec is None:
+            row = run_baseline(sched, work, args.timeout)
+        else:
+            row = run_distalex(name, *spec, sched, work, args.timeout)
+        msg = row.get("error") or (f"train {row['train']:.1f}, e2e {row['e2e']:.1f} ex/s, "
+                                   f"test_acc {fmt(row.get('test_acc'), 4)}")
+        print(f"[bench]   {name}: {msg}", flush=True)
+        runs.append(row)
     rows = median_rows(runs)
     order = [s[0] for s in specs]
     text = figures_table(rows, order)
@@ -338,13 +345,12 @@ def ablation(args, sched, work) -> dict:
     for name, change in TOGGLES:
         variants.append((name, " ".join(overrides_list(change)), {**base, **change}))
     runs = []
-    for rep in range(args.repeat):
-        for name, label, ov in (variants if rep % 2 == 0 else list(reversed(variants))):
-            print(f"[ablation] round {rep + 1}/{args.repeat}: {name} ...", flush=True)
-            row = run_distalex(name, label, "single", 1, overrides_list(ov), sched, work, args.timeout)
-            msg = row.get("error") or f"train {row['train']:.1f}, steady {row['steady']:.1f} ex/s"
-            print(f"[ablation]   {name}: {msg}", flush=True)
-            runs.append(row)
+    for rep, (name, label, ov) in alternating_rounds(variants, args.repeat):
+        print(f"[ablation] round {rep + 1}/{args.repeat}: {name} ...", flush=True)
+        row = run_distalex(name, label, "single", 1, overrides_list(ov), sched, work, args.timeout)
+        msg = row.get("error") or f"train {row['train']:.1f}, steady {row['steady']:.1f} ex/s"
+        print(f"[ablation]   {name}: {msg}", flush=True)
+        runs.append(row)
     rows = median_rows(runs)
     order = [v[0] for v in variants]
     text = figures_table(rows, order)
