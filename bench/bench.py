@@ -37,6 +37,7 @@ for accuracy to mean anything.
 Ratios are only meaningful within one invocation (the machine is shared);
 ``--repeat N`` runs every row N times in alternating order and keeps the medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from distalex.io import read_jsonl, write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
 BASELINE = str(ROOT / "bench" / "seed_baseline.py")
@@ -61,19 +64,31 @@ BATCH = 128
 
 # The fast set the ablation toggles one switch of at a time.  mixed_precision
 # 'no' is quoted: an unquoted `no` is YAML 1.1 for False in an OmegaConf dot-list.
-FAST = {"train.mixed_precision": "bf16", "train.channels_last": "true",
-        "train.compile": "false", "optim.foreach": "true"}
+FAST = {
+    "train.mixed_precision": "bf16",
+    "train.channels_last": "true",
+    "train.compile": "false",
+    "optim.foreach": "true",
+}
 TOGGLES = [  # (row name, what changes)
     ("fp32", {"train.mixed_precision": "'no'"}),
     ("no-channels_last", {"train.channels_last": "false"}),
     ("compile", {"train.compile": "true"}),
     ("no-foreach", {"optim.foreach": "false"}),
-    ("all-off", {"train.mixed_precision": "'no'", "train.channels_last": "false",
-                 "train.compile": "false", "optim.foreach": "false"}),
+    (
+        "all-off",
+        {
+            "train.mixed_precision": "'no'",
+            "train.channels_last": "false",
+            "train.compile": "false",
+            "optim.foreach": "false",
+        },
+    ),
 ]
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -107,8 +122,15 @@ def loadavg():
 
 def env_for(threads: int) -> dict:
     env = dict(os.environ)
-    env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-                "DISTALEX_NO_DOWNLOAD": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(
+        {
+            "WANDB_MODE": "disabled",
+            "OMP_NUM_THREADS": str(threads),
+            "PYTHONUNBUFFERED": "1",
+            "DISTALEX_NO_DOWNLOAD": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     return env
 
 
@@ -139,33 +161,66 @@ def overrides_list(d: dict) -> list:
 
 # --------------------------------------------------------------------------- rows
 
+
 def run_baseline(sched: dict, work: Path, timeout: float) -> dict:
     out = work / "baseline.json"
-    cmd = [sys.executable, BASELINE, "--image-size", str(sched["image_size"]),
-           "--train-limit", str(sched["train_limit"]), "--test-limit", str(sched["test_limit"]),
-           "--epochs", "1", "--max-steps", str(sched["steps"]), "--threads", str(cores()),
-           "--seed", str(sched["seed"]), "--json-out", str(out)]
+    cmd = [
+        sys.executable,
+        BASELINE,
+        "--image-size",
+        str(sched["image_size"]),
+        "--train-limit",
+        str(sched["train_limit"]),
+        "--test-limit",
+        str(sched["test_limit"]),
+        "--epochs",
+        "1",
+        "--max-steps",
+        str(sched["steps"]),
+        "--threads",
+        str(cores()),
+        "--seed",
+        str(sched["seed"]),
+        "--json-out",
+        str(out),
+    ]
     if sched.get("cache_dir"):
         cmd += ["--cache-dir", sched["cache_dir"]]
     rc, proc_s = run_proc(cmd, env_for(cores()), work / "baseline.log", timeout)
-    row = {"name": "a", "label": "baseline (seed pipeline)", "command": shlex.join(cmd), "processes": 1,
-           "threads_per_process": cores(), "rc": rc, "process_s": proc_s}
+    row = {
+        "name": "a",
+        "label": "baseline (seed pipeline)",
+        "command": shlex.join(cmd),
+        "processes": 1,
+        "threads_per_process": cores(),
+        "rc": rc,
+        "process_s": proc_s,
+    }
     if rc != 0 or not out.is_file():
         row["error"] = first_error((work / "baseline.log").read_text(errors="replace"))
         return row
     r = json.loads(out.read_text())
-    row.update({"train": r["examples_per_sec"], "steady": r["steady_examples_per_sec"],
-                "e2e": r["e2e_examples_per_sec"], "process": r["train_examples"] / proc_s,
-                "test_acc": r["test_acc"], "loss": r["loss"], "steps": r["steps"],
-                "train_examples": r["train_examples"], "wall_time_s": r["wall_time_s"],
-                "mixed_precision": "no"})
+    row.update(
+        {
+            "train": r["examples_per_sec"],
+            "steady": r["steady_examples_per_sec"],
+            "e2e": r["e2e_examples_per_sec"],
+            "process": r["train_examples"] / proc_s,
+            "test_acc": r["test_acc"],
+            "loss": r["loss"],
+            "steps": r["steps"],
+            "train_examples": r["train_examples"],
+            "wall_time_s": r["wall_time_s"],
+            "mixed_precision": "no",
+        }
+    )
     return row
 
 
 def read_distalex(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     batch = summary.get("global_batch", BATCH)
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "train_acc" not in r and "examples_per_sec" in r]
     # Log rows carry the epoch's cumulative examples/sec: the training time up to
     # step k is k*B/eps_k, so per-step times follow (one epoch here, log_every=1).
@@ -173,35 +228,78 @@ def read_distalex(run_dir: Path) -> dict:
     steady = summary["examples_per_sec"]
     if len(times) >= 2 and times[-1] > times[0]:
         steady = (len(times) - 1) * batch / (times[-1] - times[0])
-    return {"summary": summary, "steady": steady,
-            "step_times_s": [round(b - a, 4) for a, b in zip([0.0] + times, times)]}
+    return {
+        "summary": summary,
+        "steady": steady,
+        "step_times_s": [round(b - a, 4) for a, b in zip([0.0] + times, times, strict=True)],
+    }
 
 
-def run_distalex(name: str, label: str, split_mode: str, nprocs: int, overrides: list, sched: dict,
-                 work: Path, timeout: float, config=None) -> dict:
+def run_distalex(
+    name: str,
+    label: str,
+    split_mode: str,
+    nprocs: int,
+    overrides: list,
+    sched: dict,
+    work: Path,
+    timeout: float,
+    config=None,
+) -> dict:
     run_dir = work / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     args = ["--split-mode", split_mode]
     if config:
         args = ["--config", config] + args
-    args += ["tracking.wandb=false", "tracking.plots=false", "train.progress=false",
-             f"train.output_dir={run_dir}", "train.log_every=1", f"train.seed={sched['seed']}",
-             f"data.train_limit={sched['train_limit']}", f"data.test_limit={sched['test_limit']}"]
+    args += [
+        "tracking.wandb=false",
+        "tracking.plots=false",
+        "train.progress=false",
+        f"train.output_dir={run_dir}",
+        "train.log_every=1",
+        f"train.seed={sched['seed']}",
+        f"data.train_limit={sched['train_limit']}",
+        f"data.test_limit={sched['test_limit']}",
+    ]
     if not config:
-        args += [f"data.image_size={sched['image_size']}", "train.epochs=1", f"train.max_steps={sched['steps']}",
-                 f"train.batch_size={BATCH}"]
+        args += [
+            f"data.image_size={sched['image_size']}",
+            "train.epochs=1",
+            f"train.max_steps={sched['steps']}",
+            f"train.batch_size={BATCH}",
+        ]
     args += overrides
     threads = max(1, cores() // nprocs)
     if nprocs == 1:
         cmd = [sys.executable, TRAIN, *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
-               "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               TRAIN, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(nprocs),
+            "--num_machines",
+            "1",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            TRAIN,
+            *args,
+        ]
     rc, proc_s = run_proc(cmd, env_for(threads), work / f"{name}.log", timeout)
-    row = {"name": name, "label": label, "command": f"OMP_NUM_THREADS={threads} " + shlex.join(cmd),
-           "processes": nprocs, "threads_per_process": threads, "rc": rc, "process_s": proc_s,
-           "overrides": overrides}
+    row = {
+        "name": name,
+        "label": label,
+        "command": f"OMP_NUM_THREADS={threads} " + shlex.join(cmd),
+        "processes": nprocs,
+        "threads_per_process": threads,
+        "rc": rc,
+        "process_s": proc_s,
+        "overrides": overrides,
+    }
     if rc != 0 or not (run_dir / "summary.json").is_file():
         row["error"] = first_error((work / f"{name}.log").read_text(errors="replace"))
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -209,15 +307,27 @@ def run_distalex(name: str, label: str, split_mode: str, nprocs: int, overrides:
     r = read_distalex(run_dir)
     s = r["summary"]
     examples = s["steps"] * s.get("global_batch", BATCH)
-    row.update({"train": s["examples_per_sec"], "steady": r["steady"], "e2e": examples / s["wall_time_s"],
-                "process": examples / proc_s, "test_acc": s.get("test_acc"), "loss": s.get("loss"),
-                "steps": s["steps"], "train_examples": examples, "wall_time_s": s["wall_time_s"],
-                "mixed_precision": s.get("mixed_precision"), "towers": s.get("towers"),
-                "world_size": s.get("world_size"), "step_times_s": r["step_times_s"]})
+    row.update(
+        {
+            "train": s["examples_per_sec"],
+            "steady": r["steady"],
+            "e2e": examples / s["wall_time_s"],
+            "process": examples / proc_s,
+            "test_acc": s.get("test_acc"),
+            "loss": s.get("loss"),
+            "steps": s["steps"],
+            "train_examples": examples,
+            "wall_time_s": s["wall_time_s"],
+            "mixed_precision": s.get("mixed_precision"),
+            "towers": s.get("towers"),
+            "world_size": s.get("world_size"),
+            "step_times_s": r["step_times_s"],
+        }
+    )
     for k in ("tower_bytes_per_step", "ddp_bytes_per_step"):
         if k in s:
             row[k] = s[k]
-    shutil.rmtree(run_dir, ignore_errors=True)      # checkpoints of the full net are ~190 MB
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of the full net are ~190 MB
     return row
 
 
@@ -257,9 +367,12 @@ def fmt(x, nd=2):
 
 def print_table(title: str, header: list, lines: list) -> str:
     widths = [max(len(str(h)), *(len(str(ln[i])) for ln in lines)) for i, h in enumerate(header)]
-    out = [title, "  ".join(str(h).ljust(w) for h, w in zip(header, widths)),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(ln, widths)) for ln in lines]
+    out = [
+        title,
+        "  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(ln, widths, strict=True)) for ln in lines]
     text = "\n".join(out)
     print(text, flush=True)
     return text
@@ -269,22 +382,35 @@ def figures_table(rows: dict, order: list) -> str:
     lines = []
     for n in order:
         r = rows[n]
-        lines.append([n, r["label"][:60], f"{r['processes']}x{r['threads_per_process']}",
-                      r.get("mixed_precision") or "-",
-                      fmt(r.get("train"), 1), fmt(r.get("steady"), 1), fmt(r.get("e2e"), 1),
-                      fmt(r.get("process"), 1), fmt(r.get("test_acc"), 4), r.get("error", "")[:120]])
-    return print_table("\nexamples/sec (training steps / steady / end-to-end in-run / whole process) and test accuracy",
-                       ["row", "what", "procs x thr", "precision", "train", "steady", "e2e", "process",
-                        "test_acc", "error"], lines)
+        lines.append(
+            [
+                n,
+                r["label"][:60],
+                f"{r['processes']}x{r['threads_per_process']}",
+                r.get("mixed_precision") or "-",
+                fmt(r.get("train"), 1),
+                fmt(r.get("steady"), 1),
+                fmt(r.get("e2e"), 1),
+                fmt(r.get("process"), 1),
+                fmt(r.get("test_acc"), 4),
+                r.get("error", "")[:120],
+            ]
+        )
+    return print_table(
+        "\nexamples/sec (training steps / steady / end-to-end in-run / whole process) and test accuracy",
+        ["row", "what", "procs x thr", "precision", "train", "steady", "e2e", "process", "test_acc", "error"],
+        lines,
+    )
 
 
 # --------------------------------------------------------------------------- modes
+
 
 def alternating_rounds(items, repeat: int):
     """(round, item) for every item, ``repeat`` rounds, the order reversed every
     other round so that drift in the shared machine's load hits all rows alike."""
     for rep in range(repeat):
-        for item in (items if rep % 2 == 0 else list(reversed(items))):
+        for item in items if rep % 2 == 0 else list(reversed(items)):
             yield rep, item
 
 
@@ -304,8 +430,9 @@ def bench(args, sched, work) -> dict:
             row = run_baseline(sched, work, args.timeout)
         else:
             row = run_distalex(name, *spec, sched, work, args.timeout)
-        msg = row.get("error") or (f"train {row['train']:.1f}, e2e {row['e2e']:.1f} ex/s, "
-                                   f"test_acc {fmt(row.get('test_acc'), 4)}")
+        msg = row.get("error") or (
+            f"train {row['train']:.1f}, e2e {row['e2e']:.1f} ex/s, test_acc {fmt(row.get('test_acc'), 4)}"
+        )
         print(f"[bench]   {name}: {msg}", flush=True)
         runs.append(row)
     rows = median_rows(runs)
@@ -318,17 +445,23 @@ def bench(args, sched, work) -> dict:
             for den in ("a", "b", "e"):
                 rr[f"{m}/{den}"] = ratio(rows, n, den, m)
         ratios[n] = rr
-        lines.append([n, rows[n]["label"]] + [fmt(rr[f"{m}/{d}"]) for m in ("train", "e2e") for d in ("a", "b", "e")]
-                     + [fmt(rr["steady/a"])])
-    text += "\n" + print_table("\nratios (row / reference): vs (a) the seed's pipeline, (b) distalex single, "
-                               "(e) single towers=2",
-                               ["row", "what", "train/a", "train/b", "train/e", "e2e/a", "e2e/b", "e2e/e",
-                                "steady/a"], lines)
+        lines.append(
+            [n, rows[n]["label"]]
+            + [fmt(rr[f"{m}/{d}"]) for m in ("train", "e2e") for d in ("a", "b", "e")]
+            + [fmt(rr["steady/a"])]
+        )
+    text += "\n" + print_table(
+        "\nratios (row / reference): vs (a) the seed's pipeline, (b) distalex single, (e) single towers=2",
+        ["row", "what", "train/a", "train/b", "train/e", "e2e/a", "e2e/b", "e2e/e", "steady/a"],
+        lines,
+    )
     targets = {
         "issue7: single e2e >= 4x baseline": ratios["b"]["e2e/a"],
         "issue7: single test_acc within 1 point of baseline": (
-            None if rows["b"].get("test_acc") is None or rows["a"].get("test_acc") is None
-            else rows["b"]["test_acc"] - rows["a"]["test_acc"]),
+            None
+            if rows["b"].get("test_acc") is None or rows["a"].get("test_acc") is None
+            else rows["b"]["test_acc"] - rows["a"]["test_acc"]
+        ),
         "issue7: ddp train >= 0.85x single": ratios["c"]["train/b"],
         "issue7: model-parallel train >= 0.85x single": ratios["d"]["train/b"],
         "issue3: model-parallel train >= 0.9x single towers=2": ratios["d"]["train/e"],
@@ -357,39 +490,64 @@ def ablation(args, sched, work) -> dict:
     lines, ratios = [], {}
     for n in order:
         ratios[n] = {m: ratio(rows, n, "fast", m) for m in ("train", "steady", "e2e")}
-        lines.append([n, rows[n]["label"][:80], fmt(ratios[n]["train"]), fmt(ratios[n]["steady"]),
-                      fmt(ratios[n]["e2e"])])
-    text += "\n" + print_table("\nablation ratios (variant / fast set; < 1: the toggle slows it down)",
-                               ["variant", "overrides", "train", "steady", "e2e"], lines)
+        lines.append(
+            [n, rows[n]["label"][:80], fmt(ratios[n]["train"]), fmt(ratios[n]["steady"]), fmt(ratios[n]["e2e"])]
+        )
+    text += "\n" + print_table(
+        "\nablation ratios (variant / fast set; < 1: the toggle slows it down)",
+        ["variant", "overrides", "train", "steady", "e2e"],
+        lines,
+    )
     # Accuracy parity: fp32 vs bf16 after a schedule that learns (tiny config).
     parity_rows, acc = [], {}
     p = sched["parity"]
     for seed in range(p["seeds"]):
         for name, prec in (("fp32", "'no'"), ("bf16", "bf16")):
             psched = {"seed": seed, "train_limit": p["train_limit"], "test_limit": p["test_limit"]}
-            ov = [f"train.mixed_precision={prec}", f"train.channels_last={base['train.channels_last']}",
-                  f"train.epochs={p['epochs']}"]
+            ov = [
+                f"train.mixed_precision={prec}",
+                f"train.channels_last={base['train.channels_last']}",
+                f"train.epochs={p['epochs']}",
+            ]
             print(f"[parity] seed {seed} {name} ...", flush=True)
-            row = run_distalex(f"parity-{name}-s{seed}", f"tiny {name} seed {seed}", "single", 1, ov, psched,
-                               work, args.timeout, config=TINY)
-            print(f"[parity]   {row.get('error') or 'test_acc %.4f' % row['test_acc']}", flush=True)
+            row = run_distalex(
+                f"parity-{name}-s{seed}",
+                f"tiny {name} seed {seed}",
+                "single",
+                1,
+                ov,
+                psched,
+                work,
+                args.timeout,
+                config=TINY,
+            )
+            print(f"[parity]   {row.get('error') or 'test_acc {:.4f}'.format(row['test_acc'])}", flush=True)
             parity_rows.append(row)
             if "error" not in row:
                 acc.setdefault(name, []).append(row["test_acc"])
     mean = {k: statistics.mean(v) for k, v in acc.items()}
     lines = [[k, " ".join(fmt(a, 4) for a in acc[k]), fmt(mean[k], 4)] for k in acc]
-    text += "\n" + print_table(f"\naccuracy parity: tiny config ({p['train_limit']} images, {p['epochs']} epochs, "
-                               f"seeds 0..{p['seeds'] - 1}), test accuracy", ["precision", "per seed", "mean"], lines)
+    text += "\n" + print_table(
+        f"\naccuracy parity: tiny config ({p['train_limit']} images, {p['epochs']} epochs, "
+        f"seeds 0..{p['seeds'] - 1}), test accuracy",
+        ["precision", "per seed", "mean"],
+        lines,
+    )
     diff = mean["bf16"] - mean["fp32"] if "bf16" in mean and "fp32" in mean else None
     print(f"  bf16 - fp32 mean test accuracy: {fmt(diff, 4)}", flush=True)
-    return {"rows": rows, "ratios": ratios, "runs": runs, "parity": {"runs": parity_rows, "test_acc": acc,
-                                                                   "mean": mean, "bf16_minus_fp32": diff},
-            "table": text}
+    return {
+        "rows": rows,
+        "ratios": ratios,
+        "runs": runs,
+        "parity": {"runs": parity_rows, "test_acc": acc, "mean": mean, "bf16_minus_fp32": diff},
+        "table": text,
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--quick", action="store_true", help="shortest schedule (a smoke run, ~2 min)")
     ap.add_argument("--ablation", action="store_true", help="fast-path ablation instead of the benchmark")
     ap.add_argument("--steps", type=int, default=None, help="training steps per row (default 8; --quick 3)")
@@ -397,9 +555,14 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, help="run every row N times (alternating order), keep medians")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra distalex override for every distalex row (bench: on top of the config's "
-                         "defaults; ablation: replaces that key of the fast set)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra distalex override for every distalex row (bench: on top of the config's "
+        "defaults; ablation: replaces that key of the fast set)",
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     ap.add_argument("--cache-dir", default=None, help="where the baseline unpacks Fashion-MNIST for torchvision")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
@@ -407,26 +570,46 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     steps = args.steps or (3 if args.quick else 8)
-    sched = {"image_size": args.image_size, "steps": steps, "train_limit": steps * BATCH,
-             "test_limit": args.test_limit or (256 if args.quick else 512), "seed": args.seed,
-             "batch": BATCH, "lr": 0.01, "cache_dir": args.cache_dir,
-             "parity": ({"train_limit": 6016, "test_limit": 1000, "epochs": 3, "seeds": 1} if args.quick else
-                        {"train_limit": 12000, "test_limit": 2000, "epochs": 5, "seeds": 2})}
+    sched = {
+        "image_size": args.image_size,
+        "steps": steps,
+        "train_limit": steps * BATCH,
+        "test_limit": args.test_limit or (256 if args.quick else 512),
+        "seed": args.seed,
+        "batch": BATCH,
+        "lr": 0.01,
+        "cache_dir": args.cache_dir,
+        "parity": (
+            {"train_limit": 6016, "test_limit": 1000, "epochs": 3, "seeds": 1}
+            if args.quick
+            else {"train_limit": 12000, "test_limit": 2000, "epochs": 5, "seeds": 2}
+        ),
+    }
     work = Path(tempfile.mkdtemp(prefix="distalex-bench-"))
     if not args.cache_dir:
         sched["cache_dir"] = str(work / "fmnist-cache")
-    meta = {"mode": "ablation" if args.ablation else "bench", "command": shlex.join([sys.executable] + sys.argv),
-            "schedule": {k: v for k, v in sched.items() if k != "cache_dir"}, "cores": cores(), "cpu": cpu_name(),
-            "python": platform.python_version(), "loadavg_start": loadavg(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {
+        "mode": "ablation" if args.ablation else "bench",
+        "command": shlex.join([sys.executable] + sys.argv),
+        "schedule": {k: v for k, v in sched.items() if k != "cache_dir"},
+        "cores": cores(),
+        "cpu": cpu_name(),
+        "python": platform.python_version(),
+        "loadavg_start": loadavg(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     try:
         import torch
+
         meta["torch"] = torch.__version__
         meta["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     except Exception:  # pragma: no cover
         pass
-    print(f"[bench] {meta['mode']}: {steps} steps x {BATCH} images at {args.image_size}px, test {sched['test_limit']} "
-          f"images, {cores()} cores ({meta['cpu']}), work dir {work}", flush=True)
+    print(
+        f"[bench] {meta['mode']}: {steps} steps x {BATCH} images at {args.image_size}px, test {sched['test_limit']} "
+        f"images, {cores()} cores ({meta['cpu']}), work dir {work}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     try:
         result = ablation(args, sched, work) if args.ablation else bench(args, sched, work)
@@ -436,9 +619,12 @@ def main(argv=None) -> int:
     meta.update({"loadavg_end": loadavg(), "total_s": time.perf_counter() - t0})
     out = Path(args.out or ROOT / "bench" / "results" / ("ablation.json" if args.ablation else "bench.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, **result}, indent=2) + "\n")
-    print(f"\n[bench] {time.perf_counter() - t0:.0f} s in all; load average {meta['loadavg_start']} -> "
-          f"{meta['loadavg_end']}; JSON: {out}", flush=True)
+    write_json(out, {**meta, **result})
+    print(
+        f"\n[bench] {time.perf_counter() - t0:.0f} s in all; load average {meta['loadavg_start']} -> "
+        f"{meta['loadavg_end']}; JSON: {out}",
+        flush=True,
+    )
     failed = [r["name"] for r in result["runs"] if "error" in r]
     return 1 if failed else 0
 

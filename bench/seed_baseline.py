@@ -30,6 +30,7 @@ once into a cache folder.  This file does not import distalex.
     python bench/seed_baseline.py --train-limit 1024 --max-steps 8 --test-limit 512
     python bench/seed_baseline.py --epochs 1          # the seed's data, one epoch
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,14 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils import data
+
+from distalex.io import atomic_write, write_json
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 # md5 of the unpacked IDX files (Debian re-compressed the archives; contents are the originals).
@@ -60,27 +62,36 @@ def seed_net() -> nn.Sequential:
     """The chapter's network, verbatim (comments translated)."""
     return nn.Sequential(
         # An 11x11 window to capture objects; stride 4 to shrink height and width.
-        nn.Conv2d(1, 96, kernel_size=11, stride=4, padding=1), nn.ReLU(),
+        nn.Conv2d(1, 96, kernel_size=11, stride=4, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
         # Smaller window, padding 2 keeps height and width; more output channels.
-        nn.Conv2d(96, 256, kernel_size=5, padding=2), nn.ReLU(),
+        nn.Conv2d(96, 256, kernel_size=5, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
         # Three consecutive conv layers with small windows.
-        nn.Conv2d(256, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 384, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 384, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
         nn.Flatten(),
         # Fully connected layers many times LeNet's; dropout against overfitting.
-        nn.Linear(6400, 4096), nn.ReLU(),
+        nn.Linear(6400, 4096),
+        nn.ReLU(),
         nn.Dropout(p=0.5),
-        nn.Linear(4096, 4096), nn.ReLU(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
         nn.Dropout(p=0.5),
         # Output layer: 10 classes for Fashion-MNIST.
-        nn.Linear(4096, 10))
+        nn.Linear(4096, 10),
+    )
 
 
 # --------------------------------------------------------------------------- data (d2l)
+
 
 def _source_file(src: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
@@ -105,10 +116,7 @@ def prepare_torchvision_root(src: str, cache: str) -> str:
             payload = fh.read()
         if hashlib.md5(payload).hexdigest() != md5:
             raise RuntimeError(f"{path} is corrupt (md5 of its contents differs from the original's)")
-        fd, tmp = tempfile.mkstemp(dir=raw, prefix=stem + ".")
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload)
-        os.replace(tmp, dst)     # concurrent runs may race here; the content is the same
+        atomic_write(dst, payload)  # concurrent runs may race here; the content is the same
     return str(cache)
 
 
@@ -116,6 +124,7 @@ def load_data_fashion_mnist(batch_size, resize, root, train_limit=None, test_lim
     """d2l.load_data_fashion_mnist, plus first-N subsets (data.Subset keeps the rest unchanged)."""
     import torchvision
     from torchvision import transforms
+
     trans = [transforms.ToTensor()]
     if resize:
         trans.insert(0, transforms.Resize(resize))
@@ -126,11 +135,14 @@ def load_data_fashion_mnist(batch_size, resize, root, train_limit=None, test_lim
         mnist_train = data.Subset(mnist_train, range(train_limit))
     if test_limit is not None and test_limit < len(mnist_test):
         mnist_test = data.Subset(mnist_test, range(test_limit))
-    return (data.DataLoader(mnist_train, batch_size, shuffle=True, num_workers=workers),
-            data.DataLoader(mnist_test, batch_size, shuffle=False, num_workers=workers))
+    return (
+        data.DataLoader(mnist_train, batch_size, shuffle=True, num_workers=workers),
+        data.DataLoader(mnist_test, batch_size, shuffle=False, num_workers=workers),
+    )
 
 
 # --------------------------------------------------------------------------- loop (d2l)
+
 
 class Accumulator:
     """d2l.Accumulator: sums n variables; ``float()`` of each addend (a host sync for tensors)."""
@@ -188,9 +200,11 @@ def evaluate_accuracy_gpu(net, data_iter, device=None):
 
 def train_ch6(net, train_iter, test_iter, num_epochs, lr, device, max_steps=None, log=print):
     """d2l.train_ch6 without the plot; ``max_steps`` ends training early (then evaluates)."""
+
     def init_weights(m):
         if type(m) == nn.Linear or type(m) == nn.Conv2d:
             nn.init.xavier_uniform_(m.weight)
+
     net.apply(init_weights)
     log(f"training on {device}")
     net.to(device)
@@ -233,41 +247,73 @@ def train_ch6(net, train_iter, test_iter, num_epochs, lr, device, max_steps=None
     steady = (seen - batch0) / sum(rest) if rest and sum(rest) > 0 else examples_per_sec
     log(f"loss {train_l:.3f}, train acc {train_acc:.3f}, test acc {test_acc:.3f}")
     log(f"{examples_per_sec:.1f} examples/sec on {device}")
-    return {"loss": train_l, "train_acc": train_acc, "test_acc": test_acc, "examples_per_sec": examples_per_sec,
-            "steady_examples_per_sec": steady, "train_examples": seen, "steps": steps, "epochs": epochs_done,
-            "train_time_s": timer.sum()}
+    return {
+        "loss": train_l,
+        "train_acc": train_acc,
+        "test_acc": test_acc,
+        "examples_per_sec": examples_per_sec,
+        "steady_examples_per_sec": steady,
+        "train_examples": seen,
+        "steps": steps,
+        "epochs": epochs_done,
+        "train_time_s": timer.sum(),
+    }
 
 
 # --------------------------------------------------------------------------- entry point
+
 
 def try_gpu():
     return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def run(image_size=224, train_limit=None, test_limit=None, epochs=1, max_steps=None, batch_size=128,
-        lr=0.01, workers=4, threads=None, seed=0, data_root=None, cache_dir=None, device=None,
-        log=print) -> dict:
+def run(
+    image_size=224,
+    train_limit=None,
+    test_limit=None,
+    epochs=1,
+    max_steps=None,
+    batch_size=128,
+    lr=0.01,
+    workers=4,
+    threads=None,
+    seed=0,
+    data_root=None,
+    cache_dir=None,
+    device=None,
+    log=print,
+) -> dict:
     """The seed experiment on a (possibly) short schedule; returns its figures."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     device = torch.device(device) if device else try_gpu()
     src = data_root or os.environ.get("DISTALEX_DATA") or DEBIAN_FASHION_MNIST
-    cache = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                                      "distalex-bench")
+    cache = cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "distalex-bench"
+    )
     root = prepare_torchvision_root(src, cache)
     net = seed_net()
-    wall0 = time.perf_counter()          # end to end: datasets, loaders, steps, evaluation
+    wall0 = time.perf_counter()  # end to end: datasets, loaders, steps, evaluation
     train_iter, test_iter = load_data_fashion_mnist(batch_size, image_size, root, train_limit, test_limit, workers)
     out = train_ch6(net, train_iter, test_iter, epochs, lr, device, max_steps=max_steps, log=log)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - wall0
-    out.update({"wall_time_s": wall, "e2e_examples_per_sec": out["train_examples"] / wall,
-                "image_size": image_size, "batch_size": batch_size, "workers": workers,
-                "threads": torch.get_num_threads(), "device": str(device),
-                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "train_size": len(train_iter.dataset), "test_size": len(test_iter.dataset)})
+    out.update(
+        {
+            "wall_time_s": wall,
+            "e2e_examples_per_sec": out["train_examples"] / wall,
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "workers": workers,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "train_size": len(train_iter.dataset),
+            "test_size": len(test_iter.dataset),
+        }
+    )
     return out
 
 
@@ -284,20 +330,37 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:0 if available, else cpu (d2l.try_gpu)")
-    p.add_argument("--data-root", default=None,
-                   help=f"folder with the IDX files (default $DISTALEX_DATA or {DEBIAN_FASHION_MNIST})")
-    p.add_argument("--cache-dir", default=None,
-                   help="where to unpack for torchvision (default ~/.cache/distalex-bench)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help=f"folder with the IDX files (default $DISTALEX_DATA or {DEBIAN_FASHION_MNIST})",
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="where to unpack for torchvision (default ~/.cache/distalex-bench)"
+    )
     p.add_argument("--json-out", default=None, help="write the figures here as JSON")
     a = p.parse_args(argv)
-    out = run(a.image_size, a.train_limit, a.test_limit, a.epochs, a.max_steps, a.batch_size, a.lr,
-              a.workers, a.threads, a.seed, a.data_root, a.cache_dir, a.device,
-              log=lambda s: print(s, flush=True))
+    out = run(
+        a.image_size,
+        a.train_limit,
+        a.test_limit,
+        a.epochs,
+        a.max_steps,
+        a.batch_size,
+        a.lr,
+        a.workers,
+        a.threads,
+        a.seed,
+        a.data_root,
+        a.cache_dir,
+        a.device,
+        log=lambda s: print(s, flush=True),
+    )
     print(f"end-to-end {out['e2e_examples_per_sec']:.1f} examples/sec (wall {out['wall_time_s']:.1f} s)", flush=True)
     print("BASELINE_JSON " + json.dumps(out), flush=True)
     if a.json_out:
         Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json_out).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(a.json_out, out)
     return 0
 
 

@@ -5,6 +5,7 @@ dot-list overrides.  Every problem is reported as one :class:`ConfigError` line
 that names the key; the CLI turns it into exit status 2.  After
 :func:`load_config` returns, the config is read-only.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,6 +14,8 @@ from typing import List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from distalex.errors import ConfigError
 
 SPLIT_MODES = ("single", "ddp", "model-parallel")
 DATASETS = ("fashion_mnist", "synthetic", "imagefolder")
@@ -23,22 +26,18 @@ SCHEDULES = ("constant", "plateau")
 INITS = ("xavier", "paper")
 
 
-class ConfigError(ValueError):
-    """A config value is unknown, mistyped or impossible (exit status 2)."""
-
-
 @dataclass
 class ModelConfig:
     # Towers of the paper's layout (§3.5).  Unset: 2 (the paper's) for
     # model-parallel, 1 (the seed's single net) for single and ddp.
     towers: Optional[int] = None
-    width: float = 1.0          # channel/unit multiplier, 1.0 = the paper's widths
+    width: float = 1.0  # channel/unit multiplier, 1.0 = the paper's widths
     dropout: float = 0.5
-    lrn: bool = False           # per-tower LRN after conv1/conv2 (paper §3.3)
+    lrn: bool = False  # per-tower LRN after conv1/conv2 (paper §3.3)
     in_channels: int = 1
     num_classes: int = 10
-    conv1_padding: int = 1      # the seed pads 1; the paper's 55x55 maps need 2 at 224
-    init: str = "xavier"        # "xavier" (d2l) or "paper" (N(0, 0.01), biases 1 in conv2/4/5, fc6/7)
+    conv1_padding: int = 1  # the seed pads 1; the paper's 55x55 maps need 2 at 224
+    init: str = "xavier"  # "xavier" (d2l) or "paper" (N(0, 0.01), biases 1 in conv2/4/5, fc6/7)
 
 
 @dataclass
@@ -50,14 +49,14 @@ class DataConfig:
     test_limit: Optional[int] = None
     synthetic_train_size: int = 2048
     synthetic_test_size: int = 512
-    num_workers: int = 4        # DataLoader workers (imagefolder only)
-    resize_size: int = 256      # imagefolder: shorter side before the crop (paper §2)
-    pca_sigma: float = 0.1      # imagefolder: PCA lighting noise (paper §4.1)
+    num_workers: int = 4  # DataLoader workers (imagefolder only)
+    resize_size: int = 256  # imagefolder: shorter side before the crop (paper §2)
+    pca_sigma: float = 0.1  # imagefolder: PCA lighting noise (paper §4.1)
 
 
 @dataclass
 class EvalConfig:
-    ten_crop: bool = False      # imagefolder: average softmax over 10 crops (paper §4.1)
+    ten_crop: bool = False  # imagefolder: average softmax over 10 crops (paper §4.1)
     batch_size: Optional[int] = None  # global eval batch; unset = train.batch_size
 
 
@@ -65,23 +64,23 @@ class EvalConfig:
 class TrainConfig:
     epochs: int = 10
     max_steps: Optional[int] = None
-    batch_size: int = 128       # the GLOBAL batch of one optimizer step
+    batch_size: int = 128  # the GLOBAL batch of one optimizer step
     seed: int = 0
     output_dir: str = "runs/d2l_fashion_mnist"
     log_every: int = 50
-    checkpoint_every: Optional[int] = None   # steps; a checkpoint is also written every epoch
+    checkpoint_every: Optional[int] = None  # steps; a checkpoint is also written every epoch
     keep_checkpoints: int = 3
-    resume: Optional[str] = None             # "auto" or a checkpoint path
+    resume: Optional[str] = None  # "auto" or a checkpoint path
     overwrite: bool = False
     # auto | no | bf16 | fp16 (fp16 on GPU only).  "auto": a bf16 or fp16 that
     # `accelerate launch --mixed_precision` chose, else bf16 where the device
     # computes it natively (measured 1.9x on AVX512-BF16 CPUs, same accuracy;
     # tensor cores on GPUs), else no (fp32).
     mixed_precision: str = "auto"
-    channels_last: bool = True     # measured 1.16x with bf16 on CPU; a layout change only
+    channels_last: bool = True  # measured 1.16x with bf16 on CPU; a layout change only
     compile: bool = False
     cudnn_benchmark: bool = True
-    timeout_s: int = 300                     # process-group timeout: a dead rank ends the job
+    timeout_s: int = 300  # process-group timeout: a dead rank ends the job
     progress: bool = True
 
 
@@ -91,7 +90,7 @@ class OptimConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     foreach: bool = True
-    schedule: str = "constant"   # constant (d2l) | plateau (paper: /10 when val error stalls)
+    schedule: str = "constant"  # constant (d2l) | plateau (paper: /10 when val error stalls)
     plateau_factor: float = 0.1
     plateau_patience: int = 1
     min_lr: float = 0.0
@@ -124,8 +123,9 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                split_mode: Optional[str] = None) -> DictConfig:
+def load_config(
+    path: Optional[str] = None, overrides: Optional[List[str]] = None, split_mode: Optional[str] = None
+) -> DictConfig:
     """Merge schema, YAML, split mode and overrides; validate; return read-only."""
     cfg = OmegaConf.structured(Config)
     try:
@@ -161,6 +161,7 @@ def resolve_precision(value: str) -> str:
     if launcher in ("bf16", "fp16"):
         return launcher
     import torch
+
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
@@ -200,11 +201,17 @@ def validate(cfg: DictConfig) -> None:
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1 or unset, got {t.max_steps}")
     _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
     _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
-    _require(t.checkpoint_every is None or t.checkpoint_every >= 1, "train.checkpoint_every",
-             f"must be >= 1 or unset, got {t.checkpoint_every}")
+    _require(
+        t.checkpoint_every is None or t.checkpoint_every >= 1,
+        "train.checkpoint_every",
+        f"must be >= 1 or unset, got {t.checkpoint_every}",
+    )
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
-    _require(t.mixed_precision in PRECISIONS, "train.mixed_precision",
-             f"must be one of {PRECISIONS}, got '{t.mixed_precision}'")
+    _require(
+        t.mixed_precision in PRECISIONS,
+        "train.mixed_precision",
+        f"must be one of {PRECISIONS}, got '{t.mixed_precision}'",
+    )
     _require(t.timeout_s >= 1, "train.timeout_s", f"must be >= 1, got {t.timeout_s}")
     _require(not t.output_dir == "", "train.output_dir", "must not be empty")
     eb = cfg.eval.batch_size

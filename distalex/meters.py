@@ -5,23 +5,43 @@ meter adds into device tensors instead and the loop reads them at log
 intervals, epoch ends and checkpoints.  It also remembers the first step whose
 loss was not finite, so the NaN guard can name it without per-step syncs.
 """
+
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from distalex.parallel import Placement
+
+@dataclass(frozen=True)
+class IntervalFigures:
+    """Mean training loss over the steps since the last log row, summed over replicas."""
+
+    loss: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class EpochFigures:
+    """The epoch so far, over all replicas: mean loss and accuracy per example, examples seen."""
+
+    loss: float
+    train_acc: float
+    seen: float
+    examples_per_sec: float
 
 
 class TrainMeter:
-    def __init__(self, placement: Placement, loss_sum=0.0, correct=0.0, seen=0.0, train_time=0.0):
+    def __init__(self, placement):
         self.placement = placement
         dev = placement.device
-        self.epoch = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=dev)
-        self.interval = torch.zeros(2, dtype=torch.float64, device=dev)       # loss sum, steps
-        self.bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
-        self.train_time = train_time           # seconds of training steps in this epoch
+        # Per epoch, this replica: loss * examples, correct predictions, examples.
+        self._epoch = torch.zeros(3, dtype=torch.float64, device=dev)
+        # Since the last log row, this replica: sum of step losses, steps.
+        self._interval = torch.zeros(2, dtype=torch.float64, device=dev)
+        self._bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.train_time = 0.0  # seconds of training steps in this epoch
         self._t0 = None
 
     # -- per step, no host sync ---------------------------------------------------
@@ -29,10 +49,10 @@ class TrainMeter:
         loss = loss.detach().double()
         n = torch.full((), labels.numel(), dtype=torch.float64, device=loss.device)
         correct = (logits.detach().argmax(1) == labels).sum().double()
-        self.epoch += torch.stack([loss * n, correct, n])
-        self.interval += torch.stack([loss, torch.ones_like(loss)])
-        bad = (self.bad_step < 0) & ~torch.isfinite(loss)
-        self.bad_step = torch.where(bad, torch.full_like(self.bad_step, step), self.bad_step)
+        self._epoch += torch.stack([loss * n, correct, n])
+        self._interval += torch.stack([loss, torch.ones_like(loss)])
+        bad = (self._bad_step < 0) & ~torch.isfinite(loss)
+        self._bad_step = torch.where(bad, torch.full_like(self._bad_step, step), self._bad_step)
 
     # -- timing of training steps only (as d2l's examples/sec) -----------------------
     def start_clock(self) -> None:
@@ -48,30 +68,43 @@ class TrainMeter:
     # -- reads (host syncs; collectives over replicas) ------------------------------
     def first_bad_step(self) -> int:
         """Step of the first non-finite loss on any rank, or -1."""
-        bad = int(self.bad_step.item())
+        bad = int(self._bad_step.item())
         return bad if self.placement.any_rank(bad >= 0) else -1
 
-    def interval_loss(self) -> float:
-        loss_sum, steps = self.placement.sum_over_replicas(self.interval.clone()).tolist()
-        self.interval.zero_()
-        return loss_sum / max(steps, 1)
+    def read_interval(self) -> IntervalFigures:
+        """The figures since the last call (a collective over replicas); starts a new interval."""
+        loss_sum, steps = self.placement.sum_over_replicas(self._interval.clone()).tolist()
+        self._interval.zero_()
+        return IntervalFigures(loss=loss_sum / max(steps, 1), steps=int(steps) // self.placement.mesh.replicas)
 
-    def epoch_figures(self) -> dict:
-        loss_sum, correct, seen = self.placement.sum_over_replicas(self.epoch.clone()).tolist()
-        return {"loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "seen": seen,
-                "examples_per_sec": self.examples_per_sec()}
+    def read_epoch(self) -> EpochFigures:
+        """The epoch so far (a collective over replicas)."""
+        loss_sum, correct, seen = self.placement.sum_over_replicas(self._epoch.clone()).tolist()
+        return EpochFigures(
+            loss=loss_sum / max(seen, 1),
+            train_acc=correct / max(seen, 1),
+            seen=seen,
+            examples_per_sec=self.examples_per_sec(),
+        )
 
     def examples_per_sec(self) -> float:
         """Global training examples per second of this epoch so far."""
-        return float(self.epoch[2].item()) * self.placement.mesh.replicas / max(self.train_time, 1e-9)
+        return float(self._epoch[2].item()) * self.placement.mesh.replicas / max(self.train_time, 1e-9)
 
     def new_epoch(self) -> None:
-        self.epoch.zero_()
+        self._epoch.zero_()
         self.train_time = 0.0
 
-    def state(self) -> dict:
-        loss_sum, correct, seen = self.epoch.tolist()
+    # -- checkpoint ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        loss_sum, correct, seen = self._epoch.tolist()
         return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "train_time": self.train_time}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._epoch = torch.tensor(
+            [state["loss_sum"], state["correct"], state["seen"]], dtype=torch.float64, device=self.placement.device
+        )
+        self.train_time = float(state["train_time"])
 
 
 def _sync(device: torch.device) -> None:

@@ -11,15 +11,16 @@ With the default options (towers 1, width 1, no LRN, 1x224x224 input) this is
 exactly the seed's ``nn.Sequential`` from d2l: same layers, same order,
 46,764,746 parameters.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Tuple
 
 import torch
 from torch import nn
+
+from distalex.errors import ModelSpecError
 
 # The paper's widths (= the d2l seed's): conv1..conv5 channels, fc6/fc7 units.
 PAPER_CONV = (96, 256, 384, 384, 256)
@@ -29,10 +30,6 @@ PAPER_FC = 4096
 LRN_K, LRN_N, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
 # Layers whose bias the paper initialises to 1 (§5) - the rest start at 0.
 PAPER_BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
-
-
-class ModelSpecError(ValueError):
-    """The requested network cannot be built (bad width/towers/image size)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ class AlexNetSpec:
     conv1_padding: int = 1
 
     @property
-    def conv_channels(self) -> Tuple[int, ...]:
+    def conv_channels(self) -> tuple[int, ...]:
         return tuple(max(1, round(c * self.width)) for c in PAPER_CONV)
 
     @property
@@ -57,8 +54,8 @@ class AlexNetSpec:
     def feature_size(self, image_size: int | None = None) -> int:
         """Side of conv5's pooled maps for a square input (0 if too small)."""
         n = self.image_size if image_size is None else image_size
-        n = (n + 2 * self.conv1_padding - 11) // 4 + 1   # conv1 11x11/4
-        for _ in range(3):                                # three 3/2 max-pools
+        n = (n + 2 * self.conv1_padding - 11) // 4 + 1  # conv1 11x11/4
+        for _ in range(3):  # three 3/2 max-pools
             if n < 3:
                 return 0
             n = (n - 3) // 2 + 1
@@ -79,15 +76,17 @@ class AlexNetSpec:
             raise ModelSpecError(
                 f"data.image_size={self.image_size} is too small for AlexNet "
                 f"(conv1 padding {self.conv1_padding}): the smallest image size that works is "
-                f"{self.smallest_image_size()}")
+                f"{self.smallest_image_size()}"
+            )
         t = self.towers
-        sizes = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5"), self.conv_channels))
+        sizes = dict(zip(("conv1", "conv2", "conv3", "conv4", "conv5"), self.conv_channels, strict=True))
         sizes["fc6/fc7"] = self.fc_units
         bad = {k: v for k, v in sizes.items() if v % t}
         if t < 1 or bad:
             raise ModelSpecError(
                 f"model.towers={t} must divide every layer's width at model.width={self.width}; "
-                f"not divisible: " + ", ".join(f"{k}={v}" for k, v in bad.items()))
+                f"not divisible: " + ", ".join(f"{k}={v}" for k, v in bad.items())
+            )
 
 
 class TowerLRN(nn.Module):
@@ -109,7 +108,7 @@ class TowerLRN(nn.Module):
         return f"towers={self.towers}"
 
 
-def build_layers(spec: AlexNetSpec, towers_in_module: int, groups: int) -> "OrderedDict[str, nn.Module]":
+def build_layers(spec: AlexNetSpec, towers_in_module: int, groups: int) -> OrderedDict[str, nn.Module]:
     """The layer list shared by the reference (groups=T) and one tower (groups=1).
 
     ``towers_in_module`` divides the widths: T for one tower of the tower-parallel
@@ -119,7 +118,7 @@ def build_layers(spec: AlexNetSpec, towers_in_module: int, groups: int) -> "Orde
     c1, c2, c3, c4, c5 = (c // towers_in_module for c in spec.conv_channels)
     fc = spec.fc_units // towers_in_module
     full = spec.conv_channels
-    layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
     layers["conv1"] = nn.Conv2d(spec.in_channels, c1, 11, stride=4, padding=spec.conv1_padding)
     layers["relu1"] = nn.ReLU()
     if spec.lrn:
@@ -140,10 +139,10 @@ def build_layers(spec: AlexNetSpec, towers_in_module: int, groups: int) -> "Orde
     layers["relu5"] = nn.ReLU()
     layers["pool5"] = nn.MaxPool2d(3, stride=2)
     layers["flatten"] = nn.Flatten()
-    layers["fc6"] = nn.Linear(spec.flat_features, fc)   # reads all towers' conv5 features
+    layers["fc6"] = nn.Linear(spec.flat_features, fc)  # reads all towers' conv5 features
     layers["relu6"] = nn.ReLU()
     layers["drop6"] = nn.Dropout(spec.dropout)
-    layers["fc7"] = nn.Linear(spec.fc_units, fc)        # reads all fc6 units
+    layers["fc7"] = nn.Linear(spec.fc_units, fc)  # reads all fc6 units
     layers["relu7"] = nn.ReLU()
     layers["drop7"] = nn.Dropout(spec.dropout)
     return layers
@@ -176,12 +175,17 @@ def init_weights(model: nn.Module, scheme: str) -> None:
 
 def spec_from_config(cfg) -> AlexNetSpec:
     m = cfg.model
-    return AlexNetSpec(in_channels=m.in_channels, num_classes=m.num_classes,
-                       image_size=cfg.data.image_size, width=m.width, towers=m.towers,
-                       dropout=m.dropout, lrn=m.lrn, conv1_padding=m.conv1_padding)
+    return AlexNetSpec(
+        in_channels=m.in_channels,
+        num_classes=m.num_classes,
+        image_size=cfg.data.image_size,
+        width=m.width,
+        towers=m.towers,
+        dropout=m.dropout,
+        lrn=m.lrn,
+        conv1_padding=m.conv1_padding,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-

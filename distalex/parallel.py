@@ -6,57 +6,63 @@ split mode.  Nothing else in distalex branches on the split mode.
 
 Mesh layout for model-parallel: rank = replica * T + tower, so the towers of
 one replica are neighbouring ranks (one machine, fast links) and a tower's
-replicas are T ranks apart.
+replicas are T ranks apart (docs/design.md, "Mesh").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from distalex.config import ConfigError
+from distalex.errors import ConfigError
 from distalex.model import AlexNet, AlexNetSpec, init_weights, spec_from_config
-from distalex.towers import TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
+from distalex.towers import CommStats, TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
 
 
 @dataclass(frozen=True)
 class Mesh:
     world_size: int
-    replicas: int
-    towers: int          # towers per replica held on separate processes (1 unless model-parallel)
+    replicas: int  # data-parallel copies of the model (or of a tower group)
+    tower_ranks: int  # processes per replica, each holding one tower (1 unless model-parallel with W > 1)
 
     @staticmethod
-    def plan(split_mode: str, world_size: int, towers: int, global_batch: int,
-             mixed_precision: str, cuda: bool) -> "Mesh":
+    def plan(
+        split_mode: str, world_size: int, towers: int, global_batch: int, mixed_precision: str, cuda: bool
+    ) -> Mesh:
         """Validate the numbers; raise ConfigError showing those that do not add up."""
         if mixed_precision == "fp16" and not cuda:
-            raise ConfigError("config key 'train.mixed_precision': fp16 needs a CUDA device "
-                              "(none here); use bf16 or no")
+            raise ConfigError(
+                "config key 'train.mixed_precision': fp16 needs a CUDA device (none here); use bf16 or no"
+            )
         if split_mode == "single":
             if world_size != 1:
-                raise ConfigError(f"split_mode=single runs one process but {world_size} were "
-                                  f"launched; use --split-mode ddp or model-parallel")
+                raise ConfigError(
+                    f"split_mode=single runs one process but {world_size} were "
+                    f"launched; use --split-mode ddp or model-parallel"
+                )
             return Mesh(1, 1, 1)
         if split_mode == "ddp":
             mesh = Mesh(world_size, world_size, 1)
-        elif world_size == 1:     # model-parallel single-device fallback
+        elif world_size == 1:  # model-parallel single-device fallback
             mesh = Mesh(1, 1, 1)
         else:
             if world_size % towers:
                 raise ConfigError(
                     f"model-parallel needs a world size that is a multiple of model.towers: "
                     f"W={world_size} processes, T={towers} towers, {world_size} % {towers} = "
-                    f"{world_size % towers}")
+                    f"{world_size % towers}"
+                )
             mesh = Mesh(world_size, world_size // towers, towers)
         if global_batch % mesh.replicas:
             raise ConfigError(
                 f"config key 'train.batch_size': the global batch {global_batch} is not divisible "
                 f"by {mesh.replicas} replicas ({global_batch} % {mesh.replicas} = "
-                f"{global_batch % mesh.replicas})")
+                f"{global_batch % mesh.replicas})"
+            )
         return mesh
 
 
@@ -67,22 +73,24 @@ class Placement:
     rank: int
     device: torch.device
     spec: AlexNetSpec
-    tower_group: Optional[dist.ProcessGroup] = None    # this replica's towers
-    replica_group: Optional[dist.ProcessGroup] = None  # this tower's replicas
-    control_group: Optional[dist.ProcessGroup] = None   # gloo, all ranks: host-side flags
+    tower_group: dist.ProcessGroup | None = None  # this replica's towers
+    replica_group: dist.ProcessGroup | None = None  # this tower's replicas
+    control_group: dist.ProcessGroup | None = None  # gloo, all ranks: host-side flags
     notices: list = field(default_factory=list)
+    exchange_stats: CommStats = field(default_factory=CommStats)  # bytes the tower exchanges send
+    _comm: dict = field(default_factory=dict)  # the latest figures of comm_bytes_per_step
 
     @property
     def replica(self) -> int:
-        return self.rank // self.mesh.towers
+        return self.rank // self.mesh.tower_ranks
 
     @property
     def tower(self) -> int:
-        return self.rank % self.mesh.towers
+        return self.rank % self.mesh.tower_ranks
 
     @property
     def tower_parallel(self) -> bool:
-        return self.mesh.towers > 1
+        return self.mesh.tower_ranks > 1
 
     @property
     def is_main(self) -> bool:
@@ -97,20 +105,23 @@ class Placement:
         init_weights(reference, init)
         if not self.tower_parallel:
             return reference.to(self.device)
-        tower = TowerAlexNet(self.spec, self.tower, self.tower_group)
-        tower.load_state_dict(shard_state_dict(reference.state_dict(), self.tower, self.mesh.towers))
+        tower = TowerAlexNet(self.spec, self.tower, self.tower_group, self.exchange_stats)
+        tower.load_state_dict(shard_state_dict(reference.state_dict(), self.tower, self.mesh.tower_ranks))
         return tower.to(self.device)
 
     def wrap(self, model: nn.Module, accelerator) -> nn.Module:
         """DDP across replicas.  In model-parallel mode only over *this tower's*
-        replicas: tower A is never averaged with tower B (DESIGN.md §5.3), which
-        is why accelerate's prepare (DDP over all ranks) is not used there."""
+        replicas: tower A is never averaged with tower B (docs/design.md,
+        "Guarantees"), which is why accelerate's prepare (DDP over all ranks)
+        is not used there."""
+        if self.mesh.replicas > 1:
+            params = sum(p.numel() for p in model.parameters())
+            self._comm["ddp_bytes_per_step"] = ddp_bytes_per_step(params, self.mesh.replicas)
         if self.mesh.replicas > 1 and not self.tower_parallel:
             return accelerator.prepare_model(model)
         if self.mesh.replicas > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                       process_group=self.replica_group)
+            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=self.replica_group)
         return model
 
     # -- collectives ------------------------------------------------------------------
@@ -129,23 +140,35 @@ class Placement:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(t.item())
 
-    def full_tensors(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference-shaped copies of per-parameter tensors (a collective in model-parallel)."""
         if self.tower_parallel:
-            return gather_tensors(tensors, self.tower_group, self.mesh.towers)
+            return gather_tensors(tensors, self.tower_group, self.mesh.tower_ranks)
         return {k: v.detach().clone() for k, v in tensors.items()}
 
-    def local_tensors(self, reference: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def local_tensors(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's slices of reference-shaped tensors."""
         if self.tower_parallel:
-            return shard_state_dict(reference, self.tower, self.mesh.towers)
+            return shard_state_dict(reference, self.tower, self.mesh.tower_ranks)
         return reference
 
-    def comm_bytes_per_step(self, model: nn.Module) -> Dict[str, int]:
-        """Bytes this rank sends per step: DDP's gradient all-reduce (ring) and tower exchanges."""
-        if self.mesh.replicas == 1:
-            return {}
-        params = sum(p.numel() for p in model.parameters())
-        return {"ddp_bytes_per_step": ddp_bytes_per_step(params, self.mesh.replicas)}
+    # -- communication figures ----------------------------------------------------------
+    def comm_bytes_per_step(self, steps: int) -> dict[str, int]:
+        """Bytes this rank sent per training step over the last ``steps`` steps: DDP's
+        gradient all-reduce (from the parameter count, ring accounting) and the tower
+        exchanges as counted while they ran (not counted under torch.compile)."""
+        sent = self.exchange_stats.pop() // max(steps, 1)
+        if sent:
+            self._comm["tower_bytes_per_step"] = sent
+        return dict(self._comm)
+
+    def comm_summary(self) -> dict[str, int]:
+        """The latest figures of :meth:`comm_bytes_per_step`, without reading the counters."""
+        return dict(self._comm)
+
+    def discard_comm(self) -> None:
+        """Forget the bytes counted so far (evaluation's exchanges are not training traffic)."""
+        self.exchange_stats.pop()
 
     def barrier(self) -> None:
         if self.mesh.world_size > 1:
@@ -155,23 +178,35 @@ class Placement:
 def make_accelerator(cfg, log_with=None, project_dir=None):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
+
     cuda = torch.cuda.is_available()
-    return Accelerator(cpu=not cuda, mixed_precision=cfg.train.mixed_precision,
-                       log_with=log_with, project_dir=project_dir,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))])
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=log_with,
+        project_dir=project_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
+    )
 
 
 def setup(cfg, accelerator) -> Placement:
     world = accelerator.num_processes
     spec = spec_from_config(cfg)
     spec.check()
-    mesh = Mesh.plan(cfg.split_mode, world, cfg.model.towers, cfg.train.batch_size,
-                     cfg.train.mixed_precision, torch.cuda.is_available())
+    mesh = Mesh.plan(
+        cfg.split_mode,
+        world,
+        cfg.model.towers,
+        cfg.train.batch_size,
+        cfg.train.mixed_precision,
+        torch.cuda.is_available(),
+    )
     placement = Placement(cfg.split_mode, mesh, accelerator.process_index, accelerator.device, spec)
     if cfg.split_mode == "model-parallel" and world == 1:
         placement.notices.append(
             f"model-parallel with 1 process: single-device fallback, all {cfg.model.towers} towers "
-            f"as grouped convolutions on {accelerator.device}")
+            f"as grouped convolutions on {accelerator.device}"
+        )
     placement.tower_group, placement.replica_group = process_groups(mesh, accelerator.device.type)
     if world > 1:
         cpu = dist.get_backend() == "gloo"
@@ -181,10 +216,12 @@ def setup(cfg, accelerator) -> Placement:
 
 def process_groups(mesh: Mesh, device_type: str):
     """(tower group, replica group) of this rank: a DeviceMesh replicas x towers."""
-    if mesh.towers > 1:
+    if mesh.tower_ranks > 1:
         from torch.distributed.device_mesh import init_device_mesh
-        device_mesh = init_device_mesh(device_type, (mesh.replicas, mesh.towers),
-                                       mesh_dim_names=("replica", "tower"))
+
+        device_mesh = init_device_mesh(
+            device_type, (mesh.replicas, mesh.tower_ranks), mesh_dim_names=("replica", "tower")
+        )
         return device_mesh.get_group("tower"), device_mesh.get_group("replica")
     if mesh.replicas > 1:
         return None, dist.group.WORLD

@@ -6,22 +6,24 @@ train accuracy and test accuracy against epoch -- from the rows of a run's
 a throughput bar chart.  Both write PNGs atomically (temporary file, then
 rename), so a reader never sees a half-written image.
 """
+
 from __future__ import annotations
 
 import math
-import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot; training runs on machines without a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-Series = Tuple[List[float], List[float]]
+from distalex.io import atomic_write
+
+Series = tuple[list[float], list[float]]
 
 
-def _num(v) -> Optional[float]:
+def _num(v) -> float | None:
     """A finite number, or None (metrics.jsonl stores NaN/inf as strings)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -50,25 +52,24 @@ def curve_series(rows: Sequence[dict]) -> dict:
     loss = _series(step_rows, "loss")
     if not loss[0]:
         loss = _series(epoch_rows, "loss")
-    return {"train loss": loss, "train acc": _series(epoch_rows, "train_acc"),
-            "test acc": _series(epoch_rows, "test_acc")}
+    return {
+        "train loss": loss,
+        "train acc": _series(epoch_rows, "train_acc"),
+        "test acc": _series(epoch_rows, "test_acc"),
+    }
 
 
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
-def _epoch_axis(ax, xs_all: List[float]) -> None:
+def _epoch_axis(ax, xs_all: list[float]) -> None:
     ax.set_xlabel("epoch")
     if xs_all:
         hi = max(xs_all)
@@ -76,12 +77,14 @@ def _epoch_axis(ax, xs_all: List[float]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-STYLE = {"train loss": dict(linestyle="-", color="C0"),
-         "train acc": dict(linestyle="--", color="C1"),
-         "test acc": dict(linestyle="-.", color="C2")}
+STYLE = {
+    "train loss": dict(linestyle="-", color="C0"),
+    "train acc": dict(linestyle="--", color="C1"),
+    "test acc": dict(linestyle="-.", color="C2"),
+}
 
 
-def plot_curves(rows: Sequence[dict], path, title: Optional[str] = None) -> Optional[Path]:
+def plot_curves(rows: Sequence[dict], path, title: str | None = None) -> Path | None:
     """Write the d2l-style curves of one run; returns the path, or None when
     there is nothing to plot yet."""
     series = curve_series(rows)
@@ -118,12 +121,21 @@ def plot_comparison(runs: Sequence[dict], path) -> Path:
         if xs:
             ax_loss.plot(xs, ys, color=color, label=run["label"])
             loss_x += xs
-        for key, style, label in (("test acc", "-", f"{run['label']} test"),
-                                  ("train acc", "--", f"{run['label']} train")):
+        for key, style, label in (
+            ("test acc", "-", f"{run['label']} test"),
+            ("train acc", "--", f"{run['label']} train"),
+        ):
             xs, ys = series[key]
             if xs:
-                ax_acc.plot(xs, ys, linestyle=style, color=color, label=label,
-                            marker="o" if len(xs) <= 20 else None, markersize=3)
+                ax_acc.plot(
+                    xs,
+                    ys,
+                    linestyle=style,
+                    color=color,
+                    label=label,
+                    marker="o" if len(xs) <= 20 else None,
+                    markersize=3,
+                )
                 acc_x += xs
     ax_loss.set_title("train loss")
     ax_acc.set_title("accuracy")
@@ -136,9 +148,14 @@ def plot_comparison(runs: Sequence[dict], path) -> Path:
     labels = [run["label"] for run in runs]
     rates = [_num(run.get("examples_per_sec")) or 0.0 for run in runs]
     bars = ax_bar.bar(range(len(runs)), rates, color=[f"C{i % 10}" for i in range(len(runs))])
-    for bar, rate in zip(bars, rates):
-        ax_bar.annotate(f"{rate:,.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize="small")
+    for bar, rate in zip(bars, rates, strict=True):
+        ax_bar.annotate(
+            f"{rate:,.0f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize="small",
+        )
     ax_bar.set_xticks(range(len(runs)))
     ax_bar.set_xticklabels(labels, rotation=20, ha="right", fontsize="small")
     ax_bar.set_ylabel("examples / sec")

@@ -5,6 +5,7 @@
   error has not improved for more than ``patience`` epochs (the semantics of
   torch's ReduceLROnPlateau).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -22,9 +23,14 @@ class LRSchedule:
     reductions: int = 0
 
     @classmethod
-    def from_config(cls, optim) -> "LRSchedule":
-        return cls(lr=optim.lr, kind=optim.schedule, factor=optim.plateau_factor,
-                   patience=optim.plateau_patience, min_lr=optim.min_lr)
+    def from_config(cls, optim) -> LRSchedule:
+        return cls(
+            lr=optim.lr,
+            kind=optim.schedule,
+            factor=optim.plateau_factor,
+            patience=optim.plateau_patience,
+            min_lr=optim.min_lr,
+        )
 
     def step_epoch(self, val_error: float) -> bool:
         """Record one epoch's validation error; True when the rate was reduced."""

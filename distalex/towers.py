@@ -20,9 +20,8 @@ The layers are built by :func:`distalex.model.build_layers`, so a tower's
 parameters map one to one onto slices of the reference model's
 (:func:`shard_state_dict` / :func:`unshard_state_dict`).
 """
-from __future__ import annotations
 
-from typing import Dict, List, Optional
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
@@ -85,23 +84,23 @@ class _SumOverTowers(torch.autograd.Function):
         return grad, None, None, None
 
 
-def shard_dim(name: str) -> Optional[int]:
+def shard_dim(name: str) -> int | None:
     """Dimension along which the reference parameter ``name`` is cut into towers
     (None: kept whole on every tower)."""
     if name == "fc8.weight":
-        return 1      # fc8 is row-parallel: columns follow fc7's units
+        return 1  # fc8 is row-parallel: columns follow fc7's units
     if name == "fc8.bias":
         return None
-    return 0          # conv kernels and fc6/fc7 units: output dimension
+    return 0  # conv kernels and fc6/fc7 units: output dimension
 
 
 class TowerAlexNet(nn.Module):
     """Tower ``tower`` of ``spec.towers``; parameter names equal the reference's."""
 
-    def __init__(self, spec: AlexNetSpec, tower: int, group: Optional[dist.ProcessGroup]):
+    def __init__(self, spec: AlexNetSpec, tower: int, group: dist.ProcessGroup | None, stats: CommStats | None = None):
         super().__init__()
         self.spec, self.tower, self.towers, self.group = spec, tower, spec.towers, group
-        self.stats = CommStats()
+        self.stats = stats if stats is not None else CommStats()
         for name, module in build_layers(spec, towers_in_module=spec.towers, groups=1).items():
             self.add_module(name, module)
         self.fc8 = nn.Linear(spec.fc_units // spec.towers, spec.num_classes)
@@ -120,16 +119,16 @@ class TowerAlexNet(nn.Module):
         raise KeyError(last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._run(x, "conv1", "pool2")                       # own tower's maps only
-        x = self._run(self._gather(x), "conv3", "flatten")       # exchange 1: conv3 input
-        x = self._run(self._gather(x), "fc6", "drop6")           # exchange 2: fc6 input
-        x = self._run(self._gather(x), "fc7", "drop7")           # exchange 3: fc7 input
+        x = self._run(x, "conv1", "pool2")  # own tower's maps only
+        x = self._run(self._gather(x), "conv3", "flatten")  # exchange 1: conv3 input
+        x = self._run(self._gather(x), "fc6", "drop6")  # exchange 2: fc6 input
+        x = self._run(self._gather(x), "fc7", "drop7")  # exchange 3: fc7 input
         partial = torch.nn.functional.linear(x, self.fc8.weight)
         logits = _SumOverTowers.apply(partial, self.group, self.towers, self.stats)  # exchange 4
         return logits + self.fc8.bias
 
 
-def shard_state_dict(reference: Dict[str, torch.Tensor], tower: int, towers: int) -> Dict[str, torch.Tensor]:
+def shard_state_dict(reference: dict[str, torch.Tensor], tower: int, towers: int) -> dict[str, torch.Tensor]:
     """This tower's slice of a reference-model state dict (or of any per-parameter
     tensors shaped like the parameters, e.g. momentum buffers)."""
     out = {}
@@ -140,7 +139,7 @@ def shard_state_dict(reference: Dict[str, torch.Tensor], tower: int, towers: int
     return out
 
 
-def unshard_state_dict(shards: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def unshard_state_dict(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Concatenate the towers' slices (in tower order) back into reference tensors."""
     out = {}
     for name in shards[0]:
@@ -149,9 +148,9 @@ def unshard_state_dict(shards: List[Dict[str, torch.Tensor]]) -> Dict[str, torch
     return out
 
 
-def gather_tensors(tensors: Dict[str, torch.Tensor], group, towers: int) -> Dict[str, torch.Tensor]:
+def gather_tensors(tensors: dict[str, torch.Tensor], group, towers: int) -> dict[str, torch.Tensor]:
     """Collective over the tower group: every tower gets the reference-shaped tensors."""
-    parts: Dict[str, List[torch.Tensor]] = {}
+    parts: dict[str, list[torch.Tensor]] = {}
     for name, t in tensors.items():
         t = t.detach().contiguous()
         gathered = [torch.empty_like(t) for _ in range(towers)]
@@ -160,7 +159,7 @@ def gather_tensors(tensors: Dict[str, torch.Tensor], group, towers: int) -> Dict
     return unshard_state_dict([{n: parts[n][i] for n in parts} for i in range(towers)])
 
 
-def exchange_bytes_per_step(spec: AlexNetSpec, local_batch: int, element_size: int = 4) -> Dict[str, int]:
+def exchange_bytes_per_step(spec: AlexNetSpec, local_batch: int, element_size: int = 4) -> dict[str, int]:
     """Bytes one tower sends in one training step (forward + backward), by layer,
     with ring accounting: an all-gather sends (T-1) shards, an all-reduce of N
     bytes sends 2(T-1)/T * N.  Computed from the shapes; the exchanges count the
@@ -169,15 +168,17 @@ def exchange_bytes_per_step(spec: AlexNetSpec, local_batch: int, element_size: i
     c = spec.conv_channels
     side = spec.feature_size()
     pool2 = (((spec.image_size + 2 * spec.conv1_padding - 11) // 4 + 1 - 3) // 2 + 1 - 3) // 2 + 1
-    gathered = {"conv3": local_batch * c[1] * pool2 ** 2,       # elements of the full gathered tensor
-                "fc6": local_batch * c[4] * side ** 2,
-                "fc7": local_batch * spec.fc_units}
+    gathered = {
+        "conv3": local_batch * c[1] * pool2**2,  # elements of the full gathered tensor
+        "fc6": local_batch * c[4] * side**2,
+        "fc7": local_batch * spec.fc_units,
+    }
     out = {}
     for layer, n in gathered.items():
         forward = (t - 1) * (n // t) * element_size
         backward = 2 * (t - 1) * n * element_size // t
         out[layer] = forward + backward
-    out["fc8"] = 2 * (t - 1) * local_batch * spec.num_classes * element_size // t   # forward sum only
+    out["fc8"] = 2 * (t - 1) * local_batch * spec.num_classes * element_size // t  # forward sum only
     return out
 
 

@@ -18,16 +18,15 @@ A tracker that fails (unwritable directory, wandb missing or broken, init or
 log raising) prints ONE warning line and training continues on the local logs;
 so does a failing curves plot.
 """
+
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints")
+from distalex.io import append_jsonl, read_jsonl, write_json, write_jsonl
 
 
 def _clean(row: dict) -> dict:
@@ -41,27 +40,13 @@ def _clean(row: dict) -> dict:
     return out
 
 
-def read_jsonl(path) -> list:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def has_wandb_credentials() -> bool:
     """An API key in the environment, or a ~/.netrc ($NETRC) entry for the wandb
     host (api.wandb.ai, or $WANDB_BASE_URL's for a self-hosted server)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     from urllib.parse import urlparse
+
     host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
     netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
     try:
@@ -86,7 +71,7 @@ class RunLog:
         self.accelerator = accelerator
         self.plots = plots
         self.wandb_on = False
-        self.title: Optional[str] = None
+        self.title: str | None = None
         self.metrics_path = self.dir / "metrics.jsonl"
         self.curves_path = self.dir / "curves.png"
         self._plot_warned = False
@@ -110,10 +95,15 @@ class RunLog:
             src = "WANDB_DIR" if os.environ.get("WANDB_DIR") else "train.output_dir"
             self._tracker_failed(OSError(f"{src} '{root}' is not a writable directory ({problem})"))
             return
-        init = {"name": name, "group": cfg.tracking.group or cfg.experiment, "job_type": cfg.split_mode,
-                "dir": str(root), "tags": [cfg.split_mode, _precision(cfg.train.mixed_precision)]}
+        init = {
+            "name": name,
+            "group": cfg.tracking.group or cfg.experiment,
+            "job_type": cfg.split_mode,
+            "dir": str(root),
+            "tags": [cfg.split_mode, _precision(cfg.train.mixed_precision)],
+        }
         if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
-            init["mode"] = "offline"   # no account: files under the run dir, `wandb sync` later
+            init["mode"] = "offline"  # no account: files under the run dir, `wandb sync` later
         try:
             self.accelerator.init_trackers(cfg.tracking.project, config=run_config, init_kwargs={"wandb": init})
             self.wandb_on = any(t.name == "wandb" for t in self.accelerator.trackers)
@@ -140,28 +130,25 @@ class RunLog:
                     pass
                 trackers.remove(t)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"warning: wandb tracker disabled ({type(exc).__name__}: {msg}); "
-              f"metrics still go to {self.metrics_path}", file=sys.stderr, flush=True)
+        print(
+            f"warning: wandb tracker disabled ({type(exc).__name__}: {msg}); metrics still go to {self.metrics_path}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # -- local records ----------------------------------------------------------------
     def trim_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint (they will be logged again)."""
         if not (self.is_main and self.metrics_path.exists()):
             return
-        rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
-        tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
-        with open(tmp, "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.metrics_path)
+        write_jsonl(self.metrics_path, [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step])
 
     def log(self, row: dict) -> None:
         if not self.is_main:
             return
         row = _clean(row)
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_jsonl(self.metrics_path, row)
         if self.wandb_on:
             try:
                 self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -175,6 +162,7 @@ class RunLog:
         curves include the epochs before the interruption)."""
         try:
             from distalex.plots import plot_curves
+
             plot_curves(read_jsonl(self.metrics_path), self.curves_path, title=self.title)
         except Exception as exc:  # a plot must never stop training
             if not self._plot_warned:
@@ -185,7 +173,7 @@ class RunLog:
         if not self.is_main:
             return
         summary = _clean(summary)
-        write_json_atomic(self.dir / "summary.json", summary)
+        write_json(self.dir / "summary.json", summary)
         if self.wandb_on:
             try:
                 run = self._wandb_run()
@@ -213,7 +201,7 @@ def _precision(mixed_precision) -> str:
     return "fp32" if mixed_precision in (None, "no") else str(mixed_precision)
 
 
-def _unwritable(path: Path) -> Optional[str]:
+def _unwritable(path: Path) -> str | None:
     """None if ``path`` is (or can be made) a writable directory, else why not."""
     try:
         path.mkdir(parents=True, exist_ok=True)

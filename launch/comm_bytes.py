@@ -4,6 +4,7 @@
 
     python launch/comm_bytes.py [--config PATH] [key=value ...]
 """
+
 import argparse
 import dataclasses
 import json
@@ -31,15 +32,27 @@ def main(argv=None):
         tower = sum(exchange_bytes_per_step(spec, local).values()) if towers > 1 else 0
         ddp = ddp_bytes_per_step(params // towers, replicas) if replicas > 1 else 0
         mode = "ddp" if towers == 1 else "model-parallel"
-        rows.append({"split_mode": mode, "replicas": replicas, "towers": towers, "world_size": replicas * towers,
-                     "tower_exchange_MB": tower / 1e6, "ddp_allreduce_MB": ddp / 1e6,
-                     "total_MB": (tower + ddp) / 1e6})
-    print(f"{cfg.experiment}: {cfg.data.image_size}x{cfg.data.image_size}, global batch {batch}, fp32; "
-          f"MB sent per process per step")
+        rows.append(
+            {
+                "split_mode": mode,
+                "replicas": replicas,
+                "towers": towers,
+                "world_size": replicas * towers,
+                "tower_exchange_MB": tower / 1e6,
+                "ddp_allreduce_MB": ddp / 1e6,
+                "total_MB": (tower + ddp) / 1e6,
+            }
+        )
+    print(
+        f"{cfg.experiment}: {cfg.data.image_size}x{cfg.data.image_size}, global batch {batch}, fp32; "
+        f"MB sent per process per step"
+    )
     print(f"{'split mode':<15}{'W':>3}{'R x T':>7}{'tower exchange':>16}{'DDP all-reduce':>16}{'total':>10}")
     for r in rows:
-        print(f"{r['split_mode']:<15}{r['world_size']:>3}{r['replicas']:>4} x{r['towers']:<2}"
-              f"{r['tower_exchange_MB']:>16.1f}{r['ddp_allreduce_MB']:>16.1f}{r['total_MB']:>10.1f}")
+        print(
+            f"{r['split_mode']:<15}{r['world_size']:>3}{r['replicas']:>4} x{r['towers']:<2}"
+            f"{r['tower_exchange_MB']:>16.1f}{r['ddp_allreduce_MB']:>16.1f}{r['total_MB']:>10.1f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

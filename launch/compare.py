@@ -15,6 +15,7 @@ suffix).
 Exit status: 0 success, 2 bad input (a missing run directory, a missing or
 unreadable summary.json), 1 other failure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,8 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import List, Optional
+
+from distalex.io import atomic_write, read_jsonl
 
 COLUMNS = [  # (header, key, format)
     ("run", "label", "{}"),
@@ -41,26 +43,18 @@ class BadInput(Exception):
     """A run directory that cannot be compared (exit status 2)."""
 
 
-def _number(v) -> Optional[float]:
+def _number(v) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     return float(v)
 
 
 def _read_rows(path: Path) -> list:
-    rows = []
+    """A run's metrics rows (a torn last line dropped); none when the file is missing or broken."""
     try:
-        with open(path) as fh:
-            for line in fh:
-                line = line.strip()
-                if line:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue   # a torn last line of a killed run: skip it
-    except OSError:
+        return read_jsonl(path)
+    except (OSError, ValueError):
         return []
-    return rows
 
 
 def load_run(run_dir: str) -> dict:
@@ -93,7 +87,7 @@ def load_run(run_dir: str) -> dict:
     }
 
 
-def load_runs(run_dirs: List[str]) -> List[dict]:
+def load_runs(run_dirs: list[str]) -> list[dict]:
     runs = [load_run(d) for d in run_dirs]
     # Unique labels: the directory name, or the path as given where names repeat.
     names = [r["label"] for r in runs]
@@ -107,20 +101,22 @@ def load_runs(run_dirs: List[str]) -> List[dict]:
     return runs
 
 
-def format_table(runs: List[dict]) -> str:
+def format_table(runs: list[dict]) -> str:
     cells = [[h for h, _, _ in COLUMNS]]
     for r in runs:
         cells.append([("-" if r.get(k) is None else fmt.format(r[k])) for _, k, fmt in COLUMNS])
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = []
     for n, row in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def output_paths(out: Optional[str]) -> tuple:
+def output_paths(out: str | None) -> tuple:
     if out is None:
         return Path("comparison.png"), Path("comparison.json")
     p = Path(out)
@@ -131,10 +127,18 @@ def output_paths(out: Optional[str]) -> tuple:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="launch/compare.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="train.output_dir of finished runs; the first is the speed-up baseline")
-    parser.add_argument("--out", default=None, metavar="PATH",
-                        help="directory for comparison.png/.json (default: current directory), or a .png path")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="train.output_dir of finished runs; the first is the speed-up baseline",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help="directory for comparison.png/.json (default: current directory), or a .png path",
+    )
     args = parser.parse_args(argv)
     png, js = output_paths(args.out)
     try:
@@ -152,12 +156,11 @@ def main(argv=None) -> int:
     print(f"speed-up: examples/sec relative to {runs[0]['label']}")
 
     from distalex.plots import plot_comparison
+
     table = [{k: v for k, v in r.items() if k != "rows"} for r in runs]
     try:
         plot_comparison(runs, png)
-        tmp = js.with_name(js.name + ".tmp")
-        tmp.write_text(json.dumps({"baseline": runs[0]["dir"], "png": str(png), "runs": table}, indent=2) + "\n")
-        tmp.replace(js)
+        atomic_write(js, json.dumps({"baseline": runs[0]["dir"], "png": str(png), "runs": table}, indent=2) + "\n")
     except OSError as exc:
         print(f"compare: error: cannot write to '{args.out or '.'}' ({exc.strerror or exc})", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Entry point: ``accelerate launch [flags] launch/train.py [--config PATH]
 [--split-mode single|ddp|model-parallel] [key=value ...]`` (or plain ``python``)."""
+
 import sys
 
 from distalex.cli import main

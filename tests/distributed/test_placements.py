@@ -1,12 +1,25 @@
 """Guarantee 1 (split-mode invariance), the single-device fallback, world-size
 validation, two machines, and portable checkpoints - through the real CLI."""
+
 import subprocess
 
 import pytest
 import torch
 
-from conftest import QUICK, cli_env, free_port, latest_checkpoint, launch_cmd, run_cli, step_losses, summary
 from distalex.checkpoint import load_reference, read
+
+from helpers import (
+    QUICK,
+    SPLIT_MODES,
+    cli_env,
+    free_port,
+    latest_checkpoint,
+    launch_cmd,
+    metrics,
+    run_cli,
+    step_losses,
+    summary,
+)
 
 STEPS = 8
 # fp32: the invariance is proven "up to float rounding" at fp32's rounding.
@@ -17,10 +30,10 @@ SAME = QUICK + ["model.dropout=0", f"train.max_steps={STEPS}", "train.log_every=
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("placements")
     plan = {
-        "single": (1, ["--split-mode", "single"]),
-        "ddp2": (2, ["--split-mode", "ddp"]),
-        "single_t2": (1, ["--split-mode", "single", "model.towers=2"]),
-        "mp2": (2, ["--split-mode", "model-parallel"]),
+        "single": SPLIT_MODES["single"],
+        "ddp2": SPLIT_MODES["ddp"],
+        "single_t2": (1, [*SPLIT_MODES["single"][1], "model.towers=2"]),
+        "mp2": SPLIT_MODES["model-parallel"],
         "mp4": (4, ["--split-mode", "model-parallel"]),
     }
     out = {}
@@ -47,7 +60,7 @@ def test_model_parallel_follows_single_with_towers(runs):
     assert_same_losses(runs["single_t2"], runs["mp4"])
     s = summary(runs["mp4"])
     assert (s["world_size"], s["replicas"], s["towers"]) == (4, 2, 2)
-    rows = [r for r in __import__("conftest").metrics(runs["mp2"]) if "tower_bytes_per_step" in r]
+    rows = [r for r in metrics(runs["mp2"]) if "tower_bytes_per_step" in r]
     assert rows and all(r["tower_bytes_per_step"] > 0 for r in rows)
 
 
@@ -62,8 +75,11 @@ def test_parameters_after_training_match_single(runs):
 def test_checkpoints_round_trip_across_placements(runs, tmp_path):
     """mp -> single -> ddp -> mp: the weights come back bitwise, predictions identical."""
     start = latest_checkpoint(runs["mp2"])
-    hops = [(1, ["--split-mode", "single", "model.towers=2"]), (2, ["--split-mode", "ddp", "model.towers=2"]),
-            (2, ["--split-mode", "model-parallel"])]
+    hops = [
+        (1, ["--split-mode", "single", "model.towers=2"]),
+        (2, ["--split-mode", "ddp", "model.towers=2"]),
+        (2, ["--split-mode", "model-parallel"]),
+    ]
     ckpt, accs = start, [summary(runs["mp2"])["test_acc"]]
     for i, (nprocs, args) in enumerate(hops):
         out = tmp_path / f"hop{i}"
@@ -80,7 +96,7 @@ def test_checkpoints_round_trip_across_placements(runs, tmp_path):
 
 def test_single_device_fallback_trains_with_notice(tmp_path):
     proc = run_cli(*QUICK, "--split-mode", "model-parallel", "train.max_steps=4", f"train.output_dir={tmp_path}")
-    notices = [l for l in proc.stdout.splitlines() + proc.stderr.splitlines() if "single-device fallback" in l]
+    notices = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "single-device fallback" in line]
     assert len(notices) == 1
     s = summary(tmp_path)
     assert (s["world_size"], s["towers"], s["steps"]) == (1, 2, 4)
@@ -88,11 +104,13 @@ def test_single_device_fallback_trains_with_notice(tmp_path):
 
 def test_world_size_not_multiple_of_towers(tmp_path):
     proc = run_cli(*QUICK, "--split-mode", "model-parallel", f"train.output_dir={tmp_path}", nprocs=3, check=False)
-    assert proc.returncode != 0            # accelerate's launcher reports a failed worker as 1
-    assert "exitcode: 2" in proc.stderr    # ... each worker exits 2 (bad input)
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("distalex: error:")]
-    assert errors == ["distalex: error: model-parallel needs a world size that is a multiple of "
-                      "model.towers: W=3 processes, T=2 towers, 3 % 2 = 1"]
+    assert proc.returncode != 0  # accelerate's launcher reports a failed worker as 1
+    assert "exitcode: 2" in proc.stderr  # ... each worker exits 2 (bad input)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distalex: error:")]
+    assert errors == [
+        "distalex: error: model-parallel needs a world size that is a multiple of "
+        "model.towers: W=3 processes, T=2 towers, 3 % 2 = 1"
+    ]
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -103,7 +121,7 @@ def test_two_machines_train_model_parallel_together(tmp_path):
     for machine in (0, 1):
         cmd = launch_cmd(2, *args)
         i = cmd.index("--num_processes")
-        cmd[i + 1:i + 4] = ["2", "--num_machines", "2"]       # 2 processes in all, one per machine
+        cmd[i + 1 : i + 4] = ["2", "--num_machines", "2"]  # 2 processes in all, one per machine
         j = cmd.index("--main_process_port")
         cmd[j + 1] = str(port)
         cmd[j:j] = ["--machine_rank", str(machine), "--main_process_ip", "127.0.0.1"]

@@ -1,11 +1,13 @@
 """Guarantees 2 and 3: tower exactness and towers never averaged (gloo processes, file store)."""
+
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import tower_workers as w
 from distalex.towers import exchange_bytes_per_step, shard_state_dict
+
+import tower_workers as w
 
 
 def spawn(fn, world, towers, tmp_path):
@@ -17,7 +19,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("world, towers", [(2, 2), (4, 2), (4, 4)])
+@pytest.mark.parametrize(("world", "towers"), [(2, 2), (4, 2), (4, 4)])
 def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers):
     results = spawn(w.exactness, world, towers, tmp_path)
     ref = w.reference(towers)
@@ -28,7 +30,7 @@ def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers):
     local = x.shape[0] // replicas
     for rank, res in enumerate(results):
         r = rank // towers
-        assert rel_err(res["logits"], logits[r * local:(r + 1) * local].detach()) <= 1e-5
+        assert rel_err(res["logits"], logits[r * local : (r + 1) * local].detach()) <= 1e-5
     # Gradients (DDP-averaged over replicas) of every parameter equal the reference's.
     for name, p in ref.named_parameters():
         for res in results:
@@ -40,11 +42,11 @@ def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers):
 
 
 def test_towers_differ_replicas_agree(tmp_path):
-    results = spawn(w.train_steps, 4, 2, tmp_path)      # ranks: (replica, tower) = (r // 2, r % 2)
+    results = spawn(w.train_steps, 4, 2, tmp_path)  # ranks: (replica, tower) = (r // 2, r % 2)
     for name in results[0]:
-        assert torch.equal(results[0][name], results[2][name]), name     # tower 0, replicas 0 and 1
-        assert torch.equal(results[1][name], results[3][name]), name     # tower 1
-        if name != "fc8.bias":   # kept whole on every tower (identical gradients, never averaged)
+        assert torch.equal(results[0][name], results[2][name]), name  # tower 0, replicas 0 and 1
+        assert torch.equal(results[1][name], results[3][name]), name  # tower 1
+        if name != "fc8.bias":  # kept whole on every tower (identical gradients, never averaged)
             assert not torch.allclose(results[0][name], results[1][name]), name
     # And the trained towers are exactly the reference trained on the same global batches.
     ref = w.reference(2)

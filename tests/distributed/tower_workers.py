@@ -1,4 +1,5 @@
 """Worker bodies for the gloo process tests (spawned, one process per rank)."""
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,10 @@ def exactness(rank, world, towers, store_path, out_dir):
     F.cross_entropy(logits, y[sl]).backward()
     grads = placement.full_tensors({n: p.grad for n, p in tower.named_parameters()})
     weights = placement.full_tensors(dict(tower.state_dict()))
-    torch.save({"logits": logits.detach(), "grads": grads, "weights": weights,
-                "bytes": tower.stats.bytes_sent}, f"{out_dir}/rank{rank}.pt")
+    torch.save(
+        {"logits": logits.detach(), "grads": grads, "weights": weights, "bytes": tower.stats.bytes_sent},
+        f"{out_dir}/rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 

@@ -1,45 +1,41 @@
 """End to end: the paper recipe (configs/paper_imagenet.yaml) on a small generated
 ImageFolder trains through the real CLI in single, ddp (2 processes) and
 model-parallel (2 processes), with ten-crop evaluation and top-5 accuracy, and
-the three placements follow the same loss trajectory (DESIGN.md §5.1)."""
+the three placements follow the same loss trajectory (docs/design.md, "Guarantees")."""
+
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import ROOT, metrics, run_cli, step_losses, summary
 from distalex.model import AlexNetSpec
 
-PAPER = str(ROOT / "configs" / "paper_imagenet.yaml")
-CLASSES = 6                     # >= 5: top-5 is reported (and not trivially 1.0)
-N_TRAIN, N_VAL = 16, 6          # per class: 96 training images = 6 steps of 16
+from helpers import PAPER, SPLIT_MODES, make_folder, metrics, run_cli, step_losses, summary
+
+CLASSES = 6  # >= 5: top-5 is reported (and not trivially 1.0)
+N_TRAIN, N_VAL = 16, 6  # per class: 96 training images = 6 steps of 16
 BATCH, EPOCHS = 16, 2
 STEPS = EPOCHS * CLASSES * N_TRAIN // BATCH
 # The paper's geometry (conv1 padding 2) at the smallest input it accepts.
 IMAGE = AlexNetSpec(conv1_padding=2).smallest_image_size()
-RESIZE = 72                     # shorter side first, ~ the paper's 256/224 ratio
-
-
-def make_folder(root, classes: int, n_train: int, n_val: int):
-    """Solid class colours plus pixel noise: learnable, small (40x48 and 48x40),
-    PNG and JPEG mixed."""
-    rng = np.random.default_rng(0)
-    colours = rng.integers(30, 226, size=(classes, 3))
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                shape = (40, 48, 3) if i % 2 == 0 else (48, 40, 3)
-                pixels = np.clip(colours[c] + rng.normal(0, 20, size=shape), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(d / (f"img{i}.png" if i % 2 else f"img{i}.jpg"))
-    return root
+RESIZE = 72  # shorter side first, ~ the paper's 256/224 ratio
 
 
 def args_for(root, out, classes, *extra):
-    return ["--config", PAPER, f"data.root={root}", f"train.output_dir={out}",
-            "model.width=0.125", f"data.image_size={IMAGE}", f"data.resize_size={RESIZE}",
-            f"model.num_classes={classes}", f"train.batch_size={BATCH}", "data.num_workers=0",
-            "tracking.wandb=false", "tracking.plots=false", "train.progress=false", *extra]
+    return [
+        "--config",
+        PAPER,
+        f"data.root={root}",
+        f"train.output_dir={out}",
+        "model.width=0.125",
+        f"data.image_size={IMAGE}",
+        f"data.resize_size={RESIZE}",
+        f"model.num_classes={classes}",
+        f"train.batch_size={BATCH}",
+        "data.num_workers=0",
+        "tracking.wandb=false",
+        "tracking.plots=false",
+        "train.progress=false",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +45,11 @@ def runs(tmp_path_factory):
     # Dropout off so that every placement computes the same function (§5.1); the
     # paper config's towers=2 throughout, so `single` is the reference for both.
     same = [f"train.epochs={EPOCHS}", "train.log_every=1", "model.dropout=0", "train.mixed_precision=no"]
-    plan = {"single": (1, ["--split-mode", "single"]),
-            "ddp": (2, ["--split-mode", "ddp", "data.num_workers=1"]),   # DataLoader workers too
-            "mp": (2, ["--split-mode", "model-parallel"])}
+    plan = {
+        "single": SPLIT_MODES["single"],
+        "ddp": (2, [*SPLIT_MODES["ddp"][1], "data.num_workers=1"]),  # DataLoader workers too
+        "mp": SPLIT_MODES["model-parallel"],
+    }
     out = {}
     for name, (nprocs, extra) in plan.items():
         out[name] = root / name
@@ -59,7 +57,7 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name, world, replicas", [("single", 1, 1), ("ddp", 2, 2), ("mp", 2, 1)])
+@pytest.mark.parametrize(("name", "world", "replicas"), [("single", 1, 1), ("ddp", 2, 2), ("mp", 2, 1)])
 def test_training_completes_with_ten_crop_top1_top5(runs, name, world, replicas):
     s = summary(runs[name])
     assert (s["world_size"], s["replicas"], s["towers"]) == (world, replicas, 2)

@@ -1,5 +1,6 @@
 """Guarantees 5 and 6: exact resume after SIGKILL, atomic checkpoints, graceful
 SIGTERM, the NaN guard, and a dead rank ending the job (real subprocesses)."""
+
 import os
 import re
 import signal
@@ -12,21 +13,31 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, cli_env, latest_checkpoint, launch_cmd, metrics, run_cli, step_losses
 from distalex.checkpoint import list_checkpoints, read
+
+from helpers import QUICK, ROOT, SPLIT_MODES, cli_env, latest_checkpoint, launch_cmd, metrics, run_cli, step_losses
 
 STEPS = 14
 # Dropout stays on: exact resume must restore every rank's RNG stream too.
-RESUMABLE = QUICK + [f"train.max_steps={STEPS}", "train.log_every=1", "train.checkpoint_every=3",
-                     "data.train_limit=320"]   # 10 steps per epoch: the run crosses an epoch boundary
-MODES = {"single": (1, ["--split-mode", "single"]),
-         "ddp": (2, ["--split-mode", "ddp"]),
-         "model-parallel": (2, ["--split-mode", "model-parallel"])}
+RESUMABLE = QUICK + [
+    f"train.max_steps={STEPS}",
+    "train.log_every=1",
+    "train.checkpoint_every=3",
+    "data.train_limit=320",
+]  # 10 steps per epoch: the run crosses an epoch boundary
+MODES = SPLIT_MODES
 
 
 def start(nprocs, *args):
-    return subprocess.Popen(launch_cmd(nprocs, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(), cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(
+        launch_cmd(nprocs, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
 
 
 def wait_for_step(proc, run_dir, step, timeout=240):
@@ -38,7 +49,7 @@ def wait_for_step(proc, run_dir, step, timeout=240):
         if proc.poll() is not None:
             raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
         time.sleep(0.05)
-    raise AssertionError("run did not reach step %d" % step)
+    raise AssertionError(f"run did not reach step {step}")
 
 
 def final_weights(run_dir):
@@ -69,14 +80,14 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch
         from distalex import checkpoint
-        checkpoint.write_atomic({{"format": 1, "model": {{"w": torch.ones(3)}}}}, {str(tmp_path)!r}, 1, keep=3)
+        checkpoint.write({{"format": 1, "model": {{"w": torch.ones(3)}}}}, {str(tmp_path)!r}, 1, keep=3)
         real_save = torch.save
         def dying_save(obj, fh):
             fh.write(b"PK\\x03\\x04 half a checkpoint")
             fh.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save = dying_save
-        checkpoint.write_atomic({{"format": 1, "model": {{"w": torch.zeros(3)}}}}, {str(tmp_path)!r}, 2, keep=3)
+        checkpoint.write({{"format": 1, "model": {{"w": torch.zeros(3)}}}}, {str(tmp_path)!r}, 2, keep=3)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL
@@ -94,7 +105,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err and "train.resume=auto" in err
     state = read(latest_checkpoint(stopped))
-    assert state["position"]["step"] == max(step_losses(stopped))        # the step it finished
+    assert state["position"]["step"] == max(step_losses(stopped))  # the step it finished
     run_cli(*RESUMABLE, "train.checkpoint_every=1000", "train.resume=auto", f"train.output_dir={stopped}")
     a, b = final_weights(straight), final_weights(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -103,7 +114,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
 def test_sigterm_to_a_two_process_job(tmp_path):
     proc = start(2, *RESUMABLE, "--split-mode", "ddp", "train.checkpoint_every=1000", f"train.output_dir={tmp_path}")
     wait_for_step(proc, tmp_path, 4)
-    os.killpg(proc.pid, signal.SIGTERM)       # what a cluster scheduler does on preemption
+    os.killpg(proc.pid, signal.SIGTERM)  # what a cluster scheduler does on preemption
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     stopped_at = read(latest_checkpoint(tmp_path))["position"]["step"]
@@ -113,10 +124,17 @@ def test_sigterm_to_a_two_process_job(tmp_path):
 
 
 def test_nan_guard_stops_and_keeps_good_checkpoint(tmp_path):
-    proc = run_cli(*QUICK, "optim.lr=1e6", "train.max_steps=40", "train.checkpoint_every=1", "train.log_every=1",
-                   f"train.output_dir={tmp_path}", check=False)
+    proc = run_cli(
+        *QUICK,
+        "optim.lr=1e6",
+        "train.max_steps=40",
+        "train.checkpoint_every=1",
+        "train.log_every=1",
+        f"train.output_dir={tmp_path}",
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("distalex: error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distalex: error:")]
     assert len(errors) == 1 and "not finite" in errors[0], proc.stderr[-2000:]
     bad_step = int(re.search(r"(?:at|after) step (\d+)", errors[0]).group(1))
     assert "Traceback" not in proc.stderr
@@ -157,8 +175,16 @@ def _worker_pids(run_dir: Path, local_rank):
 
 def test_dead_rank_ends_the_job_within_timeout(tmp_path):
     timeout_s = 20
-    proc = start(2, *QUICK, "--split-mode", "ddp", "train.max_steps=100000", "train.log_every=1",
-                 f"train.timeout_s={timeout_s}", f"train.output_dir={tmp_path}")
+    proc = start(
+        2,
+        *QUICK,
+        "--split-mode",
+        "ddp",
+        "train.max_steps=100000",
+        "train.log_every=1",
+        f"train.timeout_s={timeout_s}",
+        f"train.output_dir={tmp_path}",
+    )
     try:
         wait_for_step(proc, tmp_path, 3)
         victims = _worker_pids(tmp_path, 1)

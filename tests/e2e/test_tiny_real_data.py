@@ -1,5 +1,6 @@
 """End to end: configs/tiny.yaml trains on real Fashion-MNIST to a useful accuracy."""
-from conftest import TINY, metrics, run_cli, summary
+
+from helpers import TINY, metrics, run_cli, summary
 
 
 def test_tiny_config_learns_fashion_mnist(tmp_path):

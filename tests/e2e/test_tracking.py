@@ -1,6 +1,7 @@
 """Experiment tracking end to end (real CLI subprocesses): an offline wandb run
 read back from its files, compare on real runs, a broken tracker that must not
 stop training, and a multi-process run where only the main process writes."""
+
 import json
 import os
 import struct
@@ -12,16 +13,24 @@ from pathlib import Path
 import pytest
 
 from distalex.config import resolve_precision
-from PIL import Image
 
-from conftest import ROOT, TINY, TRAIN, cli_env, metrics, summary
+from helpers import ROOT, TINY, TRAIN, cli_env, metrics, png_size, summary
 
 COMPARE = str(ROOT / "launch" / "compare.py")
 SCRIPT = str(ROOT / "launch" / "compare_placements.sh")
 LOG_EVERY, STEPS_PER_EPOCH, EPOCHS = 4, 8, 2
 # 256 images / batch 32 = 8 steps per epoch, 2 epochs: a few seconds on 2 cores.
-TINY_RUN = ["--config", TINY, "train.progress=false", "tracking.wandb=true", "data.train_limit=256",
-            "data.test_limit=64", "train.batch_size=32", f"train.epochs={EPOCHS}", f"train.log_every={LOG_EVERY}"]
+TINY_RUN = [
+    "--config",
+    TINY,
+    "train.progress=false",
+    "tracking.wandb=true",
+    "data.train_limit=256",
+    "data.test_limit=64",
+    "train.batch_size=32",
+    f"train.epochs={EPOCHS}",
+    f"train.log_every={LOG_EVERY}",
+]
 RUN_FACTS = ("split_mode", "world_size", "replicas", "towers", "mixed_precision", "global_batch", "device")
 
 
@@ -38,8 +47,14 @@ def wandb_env(tmp, **extra) -> dict:
 def train(tmp, out, *extra, env=None, nprocs=1):
     cwd = Path(tmp) / "cwd"
     cwd.mkdir(exist_ok=True)
-    proc = subprocess.run([sys.executable, TRAIN, *TINY_RUN, *extra, f"train.output_dir={out}"],
-                          capture_output=True, text=True, timeout=300, env=env or wandb_env(tmp), cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *TINY_RUN, *extra, f"train.output_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env or wandb_env(tmp),
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
 
@@ -49,15 +64,16 @@ def train(tmp, out, *extra, env=None, nprocs=1):
 # 7-byte record headers: crc32, length, type full/first/middle/last).
 def wandb_records(path: Path):
     from wandb.proto import wandb_internal_pb2 as pb
+
     data = path.read_bytes()
     assert data[:4] == b":W&B", "not a wandb transaction log"
     pos, block, pending = 7, 32768, b""
     while pos + 7 <= len(data):
-        if block - pos % block < 7:            # block trailer padding
+        if block - pos % block < 7:  # block trailer padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 1:
             payload = chunk
@@ -85,13 +101,18 @@ def read_offline_run(run_dir: Path) -> dict:
     for r in wandb_records(files[0]):
         kind = r.WhichOneof("record_type")
         if kind == "run":
-            out["run"] = {"name": r.run.display_name, "group": r.run.run_group, "job_type": r.run.job_type,
-                          "project": r.run.project, "tags": list(r.run.tags)}
+            out["run"] = {
+                "name": r.run.display_name,
+                "group": r.run.run_group,
+                "job_type": r.run.job_type,
+                "project": r.run.project,
+                "tags": list(r.run.tags),
+            }
             out["config"].update(_items(r.run.config.update))
         elif kind == "config":
             out["config"].update(_items(r.config.update))
         elif kind == "summary":
-            out["summary"].update(_items(r.summary.update))     # in order: the last value wins
+            out["summary"].update(_items(r.summary.update))  # in order: the last value wins
         elif kind == "history":
             out["history"].append(_items(r.history.item))
     return out
@@ -102,13 +123,9 @@ def offline_runs(root: Path) -> list:
 
 
 def png_ok(path: Path) -> int:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
+    size, width, height = png_size(path)
     assert width > 100 and height > 100
-    with Image.open(path) as im:
-        im.verify()
-    return len(data)
+    return size
 
 
 def check_complete(run_dir, steps=STEPS_PER_EPOCH * EPOCHS):
@@ -146,27 +163,30 @@ def broken_run(tmp_path_factory):
 def test_offline_wandb_run_has_run_facts_config_and_final_summary(offline_run):
     out, proc, tmp = offline_run
     rows = check_complete(out)
-    runs = offline_runs(out)                          # offline files under the run's output dir
+    runs = offline_runs(out)  # offline files under the run's output dir
     assert len(runs) == 1, runs
     assert f"wandb sync {runs[0]}" in proc.stdout + proc.stderr
-    assert list((tmp / "cwd").iterdir()) == []       # nothing in the working directory
+    assert list((tmp / "cwd").iterdir()) == []  # nothing in the working directory
     run = read_offline_run(runs[0])
 
-    precision = resolve_precision("auto")            # the default: bf16 where the CPU has it
+    precision = resolve_precision("auto")  # the default: bf16 where the CPU has it
     assert run["run"]["name"] == f"tiny-single-1xcpu-{'fp32' if precision == 'no' else precision}"
     assert (run["run"]["group"], run["run"]["job_type"], run["run"]["project"]) == ("tiny", "single", "distalex")
     config = run["config"]
     assert set(RUN_FACTS) <= set(config)
     assert (config["split_mode"], config["world_size"], config["replicas"], config["towers"]) == ("single", 1, 1, 1)
     assert (config["mixed_precision"], config["global_batch"], config["device"]) == (precision, 32, "cpu")
-    full = config["config"]                            # the full experiment config
+    full = config["config"]  # the full experiment config
     assert full["experiment"] == "tiny" and full["train"]["batch_size"] == 32
     assert full["data"]["train_limit"] == 256 and full["model"]["width"] == 0.125
 
     final = summary(out)
-    for key, value in final.items():                   # summary.json == the wandb run's summary
-        assert run["summary"][key] == pytest.approx(value, rel=1e-12) if isinstance(value, float) \
-            else run["summary"][key] == value, key
+    for key, value in final.items():  # summary.json == the wandb run's summary
+        assert (
+            run["summary"][key] == pytest.approx(value, rel=1e-12)
+            if isinstance(value, float)
+            else run["summary"][key] == value
+        ), key
     for key in ("loss", "train_acc", "test_acc", "examples_per_sec", "wall_time_s"):
         assert isinstance(run["summary"][key], float)
 
@@ -185,8 +205,8 @@ def test_broken_tracker_warns_once_and_training_completes(tmp_path, broken_run, 
     if failure == "unwritable_dir":
         out, proc, tmp = broken_run
         assert not (tmp / "a-file").is_dir()
-        assert "Falling back to temporary directory" not in proc.stderr   # wandb did not go elsewhere
-    else:   # online mode without an API key: wandb.init raises
+        assert "Falling back to temporary directory" not in proc.stderr  # wandb did not go elsewhere
+    else:  # online mode without an API key: wandb.init raises
         out = tmp_path / "run"
         proc = train(tmp_path, out, env=wandb_env(tmp_path, WANDB_MODE="online"))
     warnings = [line for line in proc.stderr.splitlines() if "wandb tracker disabled" in line]
@@ -198,16 +218,27 @@ def test_broken_tracker_warns_once_and_training_completes(tmp_path, broken_run, 
 
 def test_compare_two_real_runs_prints_their_summaries(offline_run, broken_run, tmp_path):
     a, b = offline_run[0], broken_run[0]
-    proc = subprocess.run([sys.executable, COMPARE, str(a), str(b), "--out", str(tmp_path / "cmp")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, COMPARE, str(a), str(b), "--out", str(tmp_path / "cmp")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("run-")}
     sa, sb = summary(a), summary(b)
     for label, s in (("run-offline", sa), ("run-broken", sb)):
         precision = "fp32" if s["mixed_precision"] == "no" else s["mixed_precision"]
-        assert lines[label][1:8] == [s["split_mode"], str(s["world_size"]), str(s["towers"]), precision,
-                                     f"{s['test_acc']:.4f}", f"{s['examples_per_sec']:.1f}",
-                                     f"{s['wall_time_s']:.1f}"]
+        assert lines[label][1:8] == [
+            s["split_mode"],
+            str(s["world_size"]),
+            str(s["towers"]),
+            precision,
+            f"{s['test_acc']:.4f}",
+            f"{s['examples_per_sec']:.1f}",
+            f"{s['wall_time_s']:.1f}",
+        ]
     assert lines["run-offline"][8] == "1.00x"
     assert lines["run-broken"][8] == f"{sb['examples_per_sec'] / sa['examples_per_sec']:.2f}x"
     report = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
@@ -250,31 +281,45 @@ def test_placements_script_and_only_main_process_writes(tmp_path):
     for d in (hook, audit, cwd):
         d.mkdir()
     (hook / "sitecustomize.py").write_text(AUDIT)
-    env = wandb_env(tmp_path, PYTHON=sys.executable, AUDIT_ROOT=str(tmp_path), AUDIT_LOG=str(audit),
-                    PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(["bash", SCRIPT, "-n", "2", "-o", str(out), *TINY_RUN, "train.max_steps=4",
-                           "train.epochs=1"], capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+    env = wandb_env(
+        tmp_path,
+        PYTHON=sys.executable,
+        AUDIT_ROOT=str(tmp_path),
+        AUDIT_LOG=str(audit),
+        PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        ["bash", SCRIPT, "-n", "2", "-o", str(out), *TINY_RUN, "train.max_steps=4", "train.epochs=1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert list(cwd.iterdir()) == []
 
     summaries = {m: summary(out / m) for m in ("single", "ddp", "model-parallel")}
-    assert [(s["split_mode"], s["world_size"], s["towers"]) for s in summaries.values()] == \
-        [("single", 1, 1), ("ddp", 2, 1), ("model-parallel", 2, 2)]
+    assert [(s["split_mode"], s["world_size"], s["towers"]) for s in summaries.values()] == [
+        ("single", 1, 1),
+        ("ddp", 2, 1),
+        ("model-parallel", 2, 2),
+    ]
     report = json.loads((out / "comparison.json").read_text())
     assert [r["split_mode"] for r in report["runs"]] == ["single", "ddp", "model-parallel"]
     assert [r["examples_per_sec"] for r in report["runs"]] == [s["examples_per_sec"] for s in summaries.values()]
     png_ok(out / "comparison.png")
     for mode in summaries:
         runs = offline_runs(out / mode)
-        assert len(runs) == 1, (mode, runs)            # one wandb run per placement, not one per rank
+        assert len(runs) == 1, (mode, runs)  # one wandb run per placement, not one per rank
         config = read_offline_run(runs[0])["config"]
         assert (config["split_mode"], config["world_size"]) == (mode, summaries[mode]["world_size"])
         steps = [r["step"] for r in metrics(out / mode)]
-        assert steps == [4, 4]                           # one step row and one epoch row: written once
+        assert steps == [4, 4]  # one step row and one epoch row: written once
         png_ok(out / mode / "curves.png")
 
     writes = [line.split(" ", 1) for f in audit.iterdir() for line in f.read_text().splitlines()]
-    assert any(rank == "0" and p.endswith("curves.png") for rank, p in writes)     # the hook saw rank 0
+    assert any(rank == "0" and p.endswith("curves.png") for rank, p in writes)  # the hook saw rank 0
     by_rank_1 = sorted({p for rank, p in writes if rank not in ("-", "0")})
     tracked = ("metrics.jsonl", "summary.json", "curves.png", "comparison", "wandb")
     assert not [p for p in by_rank_1 if any(t in p for t in tracked)], by_rank_1

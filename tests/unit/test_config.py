@@ -2,7 +2,8 @@ import pytest
 from omegaconf.errors import ReadonlyConfigError
 
 from distalex.config import ConfigError, load_config
-from conftest import ROOT
+
+from helpers import ROOT
 
 
 def test_defaults_are_the_seed_experiment():
@@ -23,15 +24,18 @@ def test_config_is_read_only():
         cfg.train.batch_size = 3
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.batchsize=3", "train.batchsize"),
-    ("train.batch_size=abc", "train.batch_size"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("optim.lr=-1", "optim.lr"),
-    ("train.epochs=0", "train.epochs"),
-    ("model.dropout=1.5", "model.dropout"),
-    ("data.name=cifar", "data.name"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.batchsize=3", "train.batchsize"),
+        ("train.batch_size=abc", "train.batch_size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("optim.lr=-1", "optim.lr"),
+        ("train.epochs=0", "train.epochs"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("data.name=cifar", "data.name"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
@@ -43,8 +47,9 @@ def test_precision_spellings_and_auto(monkeypatch):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=fp32"]).train.mixed_precision == "no"
     import torch
+
     native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert load_config(None, []).train.mixed_precision == ("bf16" if native else "no")
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")     # accelerate launch --mixed_precision fp16
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
     assert load_config(None, []).train.mixed_precision == "fp16"
     assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"

@@ -4,8 +4,9 @@ import shutil
 import pytest
 import torch
 
-from distalex.data import (DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DataError, DeviceLoader,
-                           load_fashion_mnist, make_synthetic)
+from distalex.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DataError, load_fashion_mnist, make_synthetic
+
+from helpers import device_loader
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +58,15 @@ def test_synthetic_is_deterministic_and_learnable_shape():
 def test_global_batches_are_the_same_for_any_replica_count():
     data = make_synthetic(100, 10, 1, 28, seed=0)
     kw = dict(global_batch=8, image_size=32, seed=5, device=torch.device("cpu"))
-    whole = list(DeviceLoader(data, replica=0, replicas=1, **kw).epoch(2))
-    halves = [list(DeviceLoader(data, replica=r, replicas=2, **kw).epoch(2)) for r in range(2)]
-    assert len(whole) == 12                      # 100 // 8, the partial batch dropped
+    whole = list(device_loader(data, replica=0, replicas=1, **kw).epoch(2))
+    halves = [list(device_loader(data, replica=r, replicas=2, **kw).epoch(2)) for r in range(2)]
+    assert len(whole) == 12  # 100 // 8, the partial batch dropped
     for b, (x, y) in enumerate(whole):
         assert torch.equal(torch.cat([halves[0][b][1], halves[1][b][1]]), y)
         assert torch.equal(torch.cat([halves[0][b][0], halves[1][b][0]]), x)
-    resumed = list(DeviceLoader(data, replica=0, replicas=1, **kw).epoch(2, start_batch=7))
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(resumed, whole[7:]))
-    seen = torch.cat([y for r in range(2) for _, y in DeviceLoader(data, replica=r, replicas=2, **kw).eval_batches(16)])
-    assert torch.equal(seen, data.labels)        # evaluation covers every example once
+    resumed = list(device_loader(data, replica=0, replicas=1, **kw).epoch(2, start_batch=7))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(resumed, whole[7:], strict=True))
+    seen = torch.cat(
+        [y for r in range(2) for _, y in device_loader(data, replica=r, replicas=2, **kw).eval_batches(16)]
+    )
+    assert torch.equal(seen, data.labels)  # evaluation covers every example once

@@ -1,4 +1,5 @@
 """ImageFolder pipeline: PCA lighting, ten crops, batch plan, resume, errors."""
+
 import shutil
 
 import numpy as np
@@ -9,15 +10,26 @@ from PIL import Image
 from torch import nn
 
 from distalex.config import load_config
-from distalex.data import DataError, epoch_permutation
-from distalex.imagefolder import (IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, EvalTransform,
-                                  PCALighting, build_imagefolder, sample_generator, ten_crop)
+from distalex.data import DataError, build_data, epoch_permutation
+from distalex.data.imagefolder import (
+    IMAGENET_EIGVAL,
+    IMAGENET_EIGVEC,
+    IMAGENET_MEAN,
+    EvalTransform,
+    PCALighting,
+    build_imagefolder,
+    sample_generator,
+    ten_crop,
+)
+
+from helpers import make_folder
 
 CLASSES = ("cat", "dog", "fox")
 S, RESIZE = 32, 36
 
 
 # --------------------------------------------------------------------------- PCA lighting
+
 
 def draws(sigma: float, n: int, seed: int) -> torch.Tensor:
     lighting = PCALighting(sigma)
@@ -40,7 +52,7 @@ def test_pca_lighting_statistics():
     unit_std = (vec * val).norm(dim=1)
     for sigma, d in ((0.1, small), (0.2, large)):
         std = sigma * unit_std
-        assert (d.mean(0).abs() < 4 * std / n ** 0.5).all()         # mean ~ 0
+        assert (d.mean(0).abs() < 4 * std / n**0.5).all()  # mean ~ 0
         torch.testing.assert_close(d.std(0), std, rtol=0.06, atol=0)
     ratio = large.std(0) / small.std(0)
     assert ((ratio > 1.85) & (ratio < 2.15)).all(), ratio
@@ -54,14 +66,15 @@ def test_pca_lighting_sigma_zero_is_identity():
 
 # --------------------------------------------------------------------------- ten crop
 
+
 def test_ten_crop_geometry_and_mirrors():
     img = torch.rand(3, 20, 24)
     crops = ten_crop(img, 8)
     assert crops.shape == (10, 3, 8, 8)
-    torch.testing.assert_close(crops[0], img[:, :8, :8])          # top-left
-    torch.testing.assert_close(crops[1], img[:, :8, -8:])         # top-right
-    torch.testing.assert_close(crops[2], img[:, -8:, :8])         # bottom-left
-    torch.testing.assert_close(crops[3], img[:, -8:, -8:])        # bottom-right
+    torch.testing.assert_close(crops[0], img[:, :8, :8])  # top-left
+    torch.testing.assert_close(crops[1], img[:, :8, -8:])  # top-right
+    torch.testing.assert_close(crops[2], img[:, -8:, :8])  # bottom-left
+    torch.testing.assert_close(crops[3], img[:, -8:, -8:])  # bottom-right
     torch.testing.assert_close(crops[4], TF.center_crop(img, [8, 8]))
     for k in range(5):
         torch.testing.assert_close(crops[k + 5], crops[k].flip(-1))
@@ -89,31 +102,29 @@ def test_ten_crop_of_constant_image_equals_centre_crop():
 
 # --------------------------------------------------------------------------- folders
 
-def make_folder(root, n_train=6, n_val=3, classes=CLASSES):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                shape = (40, 48, 3) if i % 2 == 0 else (48, 40, 3)   # landscape and portrait
-                pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
-                ext = "png" if i % 3 else "jpg"
-                Image.fromarray(pixels).save(d / f"img{i}.{ext}")
-    return root
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("imagefolder"))
+    return make_folder(tmp_path_factory.mktemp("imagefolder"), CLASSES)
 
 
 def cfg_for(root, *extra):
-    return load_config(None, [
-        "data.name=imagefolder", f"data.root={root}", f"data.image_size={S}",
-        f"data.resize_size={RESIZE}", "data.num_workers=0", "model.in_channels=3",
-        f"model.num_classes={len(CLASSES)}", "model.width=0.125", "train.batch_size=4",
-        "train.seed=3", *extra])
+    return load_config(
+        None,
+        [
+            "data.name=imagefolder",
+            f"data.root={root}",
+            f"data.image_size={S}",
+            f"data.resize_size={RESIZE}",
+            "data.num_workers=0",
+            "model.in_channels=3",
+            f"model.num_classes={len(CLASSES)}",
+            "model.width=0.125",
+            "train.batch_size=4",
+            "train.seed=3",
+            *extra,
+        ],
+    )
 
 
 def collect(iterator):
@@ -125,18 +136,18 @@ def test_train_batches_shape_dtype_and_plan(folder):
     bundle = build_imagefolder(cfg, 0, 1, torch.device("cpu"))
     assert bundle.classes == CLASSES and bundle.num_classes == 3
     train = bundle.train
-    assert train.batches_per_epoch == 18 // 4 == 4                     # last partial batch dropped
+    assert train.batches_per_epoch == 18 // 4 == 4  # last partial batch dropped
     batches = collect(train.epoch(1))
     assert len(batches) == 4
     order = epoch_permutation(18, 3, 1)
     for b, (x, y) in enumerate(batches):
         assert x.shape == (4, 3, S, S) and x.dtype == torch.float32 and x.device.type == "cpu"
         assert y.dtype == torch.int64
-        want = [train.samples[i][1] for i in order[b * 4:(b + 1) * 4].tolist()]
+        want = [train.samples[i][1] for i in order[b * 4 : (b + 1) * 4].tolist()]
         assert y.tolist() == want
     # a different epoch: a different order and different augmentation
     other = collect(train.epoch(2))
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, other))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches, other, strict=True))
 
 
 def test_channels_last(folder):
@@ -163,14 +174,14 @@ def test_resume_and_workers_reproduce_the_same_tensors(folder):
     loader = build_imagefolder(cfg_for(folder, "data.num_workers=2"), 1, 2, cpu).train
     resumed = collect(loader.epoch(5, start_batch=2))
     assert len(resumed) == len(full) - 2
-    for (xa, ya), (xb, yb) in zip(full[2:], resumed):
+    for (xa, ya), (xb, yb) in zip(full[2:], resumed, strict=True):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
     # the persistent workers serve the next epochs too, even after an abandoned one
     it = loader.epoch(6)
     next(it)
     it.close()
     again = collect(loader.epoch(5))
-    for (xa, ya), (xb, yb) in zip(full, again):
+    for (xa, ya), (xb, yb) in zip(full, again, strict=True):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
@@ -206,7 +217,7 @@ def test_eval_covers_every_example_once(folder, ten):
     y1 = torch.cat([y for _, y in single])
     assert x1.shape == (9, *crop_shape) and y1.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     sizes = [sum(len(y) for _, y in share) for share in shares]
-    assert sizes == [9 * 1 // 2, 9 - 9 * 1 // 2]                          # [n*r//R, n*(r+1)//R)
+    assert sizes == [9 * 1 // 2, 9 - 9 * 1 // 2]  # [n*r//R, n*(r+1)//R)
     x2 = torch.cat([x for share in shares for x, _ in share])
     y2 = torch.cat([y for share in shares for _, y in share])
     assert torch.equal(y1, y2) and torch.equal(x1, x2)
@@ -216,6 +227,7 @@ def test_eval_covers_every_example_once(folder, ten):
 
 
 # --------------------------------------------------------------------------- errors
+
 
 def test_missing_root(tmp_path):
     missing = tmp_path / "nowhere"
@@ -241,13 +253,13 @@ def test_no_images(tmp_path):
 
 
 def test_class_mismatch_and_num_classes(tmp_path):
-    root = make_folder(tmp_path / "a", n_train=2, n_val=1)
+    root = make_folder(tmp_path / "a", CLASSES, n_train=2, n_val=1)
     (root / "val" / "fox").rename(root / "val" / "wolf")
     with pytest.raises(DataError, match="differ.*fox.*wolf"):
         build_imagefolder(cfg_for(root), 0, 1, torch.device("cpu"))
-    root = make_folder(tmp_path / "b", n_train=2, n_val=1)
+    root = make_folder(tmp_path / "b", CLASSES, n_train=2, n_val=1)
     with pytest.raises(DataError, match="3 classes but model.num_classes=5"):
-        build_imagefolder(cfg_for(root, "model.num_classes=5"), 0, 1, torch.device("cpu"))
+        build_data(cfg_for(root, "model.num_classes=5"), 0, 1, torch.device("cpu"))
 
 
 # torch joins a DataLoader's workers with a 5 s timeout after one of them raised;
@@ -256,12 +268,13 @@ _FAILED_LOADERS = []
 
 
 def test_corrupt_image_is_one_line_data_error(tmp_path):
-    root = make_folder(tmp_path, n_train=2, n_val=1)
+    root = make_folder(tmp_path, CLASSES, n_train=2, n_val=1)
     bad = root / "train" / "dog" / "img0.jpg"
     bad.write_bytes(b"not a jpeg")
     for workers in (0, 1):
-        loader = build_imagefolder(cfg_for(root, f"data.num_workers={workers}", "train.batch_size=6"),
-                                   0, 1, torch.device("cpu")).train
+        loader = build_imagefolder(
+            cfg_for(root, f"data.num_workers={workers}", "train.batch_size=6"), 0, 1, torch.device("cpu")
+        ).train
         _FAILED_LOADERS.append(loader)
         with pytest.raises(DataError, match=str(bad)) as err:
             collect(loader.epoch(0))
@@ -269,9 +282,10 @@ def test_corrupt_image_is_one_line_data_error(tmp_path):
 
 
 def test_large_jpeg_draft_decode_keeps_the_shorter_side(tmp_path):
-    from distalex.imagefolder import _load_rgb
+    from distalex.data.imagefolder import _load_rgb
+
     path = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (400, 300, 3), dtype=np.uint8)).save(path)
     img = _load_rgb(str(path), RESIZE)
-    assert min(img.size) >= RESIZE and img.size[0] < 300        # decoded at a reduced scale
+    assert min(img.size) >= RESIZE and img.size[0] < 300  # decoded at a reduced scale
     assert EvalTransform(RESIZE, S, ten_crop=False)(img).shape == (3, S, S)

@@ -8,20 +8,28 @@ from distalex.model import AlexNet, AlexNetSpec, ModelSpecError, TowerLRN, count
 def seed_net():
     """The seed's network, verbatim from d2l's AlexNet chapter (shared/seed/)."""
     return nn.Sequential(
-        nn.Conv2d(1, 96, kernel_size=11, stride=4, padding=1), nn.ReLU(),
+        nn.Conv2d(1, 96, kernel_size=11, stride=4, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(96, 256, kernel_size=5, padding=2), nn.ReLU(),
+        nn.Conv2d(96, 256, kernel_size=5, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(256, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(256, 384, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 384, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
         nn.Flatten(),
-        nn.Linear(6400, 4096), nn.ReLU(),
+        nn.Linear(6400, 4096),
+        nn.ReLU(),
         nn.Dropout(p=0.5),
-        nn.Linear(4096, 4096), nn.ReLU(),
+        nn.Linear(4096, 4096),
+        nn.ReLU(),
         nn.Dropout(p=0.5),
-        nn.Linear(4096, 10))
+        nn.Linear(4096, 10),
+    )
 
 
 def test_default_preset_is_the_seed_network():
@@ -30,12 +38,12 @@ def test_default_preset_is_the_seed_network():
     assert [type(m) for m in ours] == [type(m) for m in seed]
     x = torch.randn(1, 1, 224, 224)
     a = b = x
-    for mine, theirs in zip(ours, seed):
+    for mine, theirs in zip(ours, seed, strict=True):
         a, b = mine(a), theirs(b)
         assert a.shape == b.shape, (mine, a.shape, b.shape)
     assert a.shape == (1, 10)
     # Same parameters in the same order: weights copy over one to one.
-    seed.load_state_dict(dict(zip(seed.state_dict().keys(), ours.state_dict().values())))
+    seed.load_state_dict(dict(zip(seed.state_dict().keys(), ours.state_dict().values(), strict=True)))
     ours.eval(), seed.eval()
     assert torch.equal(ours(x), seed(x))
 
@@ -58,9 +66,9 @@ def test_grouped_conv2_does_not_mix_towers():
     x = torch.randn(2, 12, 7, 7)
     y = net.conv2(x)
     x2 = x.clone()
-    x2[:, 6:] += 1.0                 # perturb tower 1's input maps only
+    x2[:, 6:] += 1.0  # perturb tower 1's input maps only
     y2 = net.conv2(x2)
-    assert torch.equal(y[:, :16], y2[:, :16])          # tower 0's outputs untouched
+    assert torch.equal(y[:, :16], y2[:, :16])  # tower 0's outputs untouched
     assert not torch.equal(y[:, 16:], y2[:, 16:])
 
 

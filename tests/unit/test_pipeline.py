@@ -8,6 +8,7 @@
    to the single-replica batch, and ``start_batch=k`` continues with exactly
    batch k of the uninterrupted epoch.
 """
+
 import gzip
 import shutil
 
@@ -15,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from distalex.data import (DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DeviceLoader, epoch_permutation,
-                           load_fashion_mnist, resize_batch)
+from distalex.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, epoch_permutation, load_fashion_mnist, resize_batch
+
+from helpers import device_loader
 
 CPU = torch.device("cpu")
 
@@ -46,6 +48,7 @@ def fmnist():
 def torchvision_sets(tmp_path_factory):
     """The seed's datasets: torchvision FashionMNIST reading the unpacked IDX files."""
     from torchvision import datasets, transforms
+
     root = tmp_path_factory.mktemp("tv")
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -53,8 +56,10 @@ def torchvision_sets(tmp_path_factory):
         with gzip.open(f"{DEBIAN_FASHION_MNIST}/{stem}.gz") as src, open(raw / stem, "wb") as out:
             shutil.copyfileobj(src, out)
     trans = transforms.Compose([transforms.Resize(224), transforms.ToTensor()])
-    return (datasets.FashionMNIST(str(root), train=True, transform=trans, download=False),
-            datasets.FashionMNIST(str(root), train=False, transform=trans, download=False))
+    return (
+        datasets.FashionMNIST(str(root), train=True, transform=trans, download=False),
+        datasets.FashionMNIST(str(root), train=False, transform=trans, download=False),
+    )
 
 
 class DiffStats:
@@ -76,6 +81,7 @@ class DiffStats:
 def test_resize_batch_matches_torchvision_resize_totensor(fmnist):
     """The function itself, on 1,000 test and 1,000 training images (PIL directly)."""
     from torchvision import transforms
+
     tf = transforms.Compose([transforms.Resize(224), transforms.ToTensor()])
     stats = DiffStats()
     for split in fmnist:
@@ -85,7 +91,7 @@ def test_resize_batch_matches_torchvision_resize_totensor(fmnist):
             stats.add(resize_batch(chunk, 224), ref)
     assert stats.max <= MAX_ABS, f"max |diff| {stats.max * 255:.3f} grey levels"
     assert stats.mean <= MEAN_ABS, f"mean |diff| {stats.mean * 255:.3f} grey levels"
-    assert stats.mean > 0.05 / 255       # the comparison did see the rounding (not comparing x with x)
+    assert stats.mean > 0.05 / 255  # the comparison did see the rounding (not comparing x with x)
 
 
 def test_device_loader_batches_equal_the_seed_datasets_items(fmnist, torchvision_sets):
@@ -96,17 +102,17 @@ def test_device_loader_batches_equal_the_seed_datasets_items(fmnist, torchvision
     kw = dict(global_batch=128, replica=0, replicas=1, image_size=224, seed=3, device=CPU)
     stats = DiffStats()
     start = 0
-    for x, y in DeviceLoader(test, **kw).eval_batches(128):
+    for x, y in device_loader(test, **kw).eval_batches(128):
         ref = [tv_test[i] for i in range(start, start + len(y))]
         stats.add(x, torch.stack([r[0] for r in ref]))
         assert y.tolist() == [r[1] for r in ref]
         start += len(y)
     assert start == 512
     order = epoch_permutation(len(train), 3, 1)
-    for b, (x, y) in enumerate(DeviceLoader(train, **kw).epoch(1)):
-        if b % 3:                          # every third batch keeps the test short
+    for b, (x, y) in enumerate(device_loader(train, **kw).epoch(1)):
+        if b % 3:  # every third batch keeps the test short
             continue
-        ref = [tv_train[int(i)] for i in order[b * 128:(b + 1) * 128]]
+        ref = [tv_train[int(i)] for i in order[b * 128 : (b + 1) * 128]]
         stats.add(x, torch.stack([r[0] for r in ref]))
         assert y.tolist() == [r[1] for r in ref]
     assert stats.max <= MAX_ABS and stats.mean <= MEAN_ABS, (stats.max * 255, stats.mean * 255)
@@ -115,43 +121,43 @@ def test_device_loader_batches_equal_the_seed_datasets_items(fmnist, torchvision
 def test_channels_last_changes_the_layout_not_the_values(fmnist):
     kw = dict(global_batch=64, replica=0, replicas=1, image_size=96, seed=0, device=CPU)
     data = fmnist[1].limit(256)
-    a = next(DeviceLoader(data, **kw).epoch(0))[0]
-    b = next(DeviceLoader(data, channels_last=True, **kw).epoch(0))[0]
+    a = next(device_loader(data, **kw).epoch(0))[0]
+    b = next(device_loader(data, channels_last=True, **kw).epoch(0))[0]
     assert b.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("replicas", [2, 4])
 def test_replica_slices_concatenate_to_the_single_replica_batch(fmnist, replicas):
-    data = fmnist[0].limit(1000)          # 1000 // 64 = 15 batches, the partial one dropped
+    data = fmnist[0].limit(1000)  # 1000 // 64 = 15 batches, the partial one dropped
     kw = dict(global_batch=64, image_size=40, seed=7, device=CPU)
     for epoch in (0, 1):
-        whole = list(DeviceLoader(data, replica=0, replicas=1, **kw).epoch(epoch))
-        parts = [list(DeviceLoader(data, replica=r, replicas=replicas, **kw).epoch(epoch)) for r in range(replicas)]
+        whole = list(device_loader(data, replica=0, replicas=1, **kw).epoch(epoch))
+        parts = [list(device_loader(data, replica=r, replicas=replicas, **kw).epoch(epoch)) for r in range(replicas)]
         assert len(whole) == 15 and all(len(p) == 15 for p in parts)
         for b, (x, y) in enumerate(whole):
             assert all(p[b][1].shape[0] == 64 // replicas for p in parts)
             assert torch.equal(torch.cat([p[b][0] for p in parts]), x)
             assert torch.equal(torch.cat([p[b][1] for p in parts]), y)
         # One epoch = distinct examples, in the order of the epoch's permutation.
-        order = epoch_permutation(len(data), 7, epoch)[:15 * 64]
+        order = epoch_permutation(len(data), 7, epoch)[: 15 * 64]
         assert torch.equal(torch.cat([y for _, y in whole]), data.labels[order])
-    e0 = torch.cat([y for _, y in DeviceLoader(data, replica=0, replicas=1, **kw).epoch(0)])
-    e1 = torch.cat([y for _, y in DeviceLoader(data, replica=0, replicas=1, **kw).epoch(1)])
-    assert not torch.equal(e0, e1)        # a fresh order each epoch
+    e0 = torch.cat([y for _, y in device_loader(data, replica=0, replicas=1, **kw).epoch(0)])
+    e1 = torch.cat([y for _, y in device_loader(data, replica=0, replicas=1, **kw).epoch(1)])
+    assert not torch.equal(e0, e1)  # a fresh order each epoch
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_start_batch_continues_with_exactly_the_next_batch(fmnist, replicas):
-    data = fmnist[0].limit(640)           # 10 batches of 64
+    data = fmnist[0].limit(640)  # 10 batches of 64
     kw = dict(global_batch=64, replicas=replicas, image_size=32, seed=11, device=CPU)
     for r in range(replicas):
-        whole = list(DeviceLoader(data, replica=r, **kw).epoch(2))
+        whole = list(device_loader(data, replica=r, **kw).epoch(2))
         for k in (0, 1, 5, 9, 10):
             # A fresh loader, as after a resume from a checkpoint taken after k batches.
-            resumed = list(DeviceLoader(data, replica=r, **kw).epoch(2, start_batch=k))
+            resumed = list(device_loader(data, replica=r, **kw).epoch(2, start_batch=k))
             assert len(resumed) == len(whole) - k
-            for (xa, ya), (xb, yb) in zip(resumed, whole[k:]):
+            for (xa, ya), (xb, yb) in zip(resumed, whole[k:], strict=True):
                 assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
@@ -160,15 +166,18 @@ def test_benchmark_baseline_runs_the_same_network_as_distalex():
     reference AlexNet (towers 1, width 1) are the same function of the same weights,
     so the benchmark compares pipelines, not networks."""
     import importlib.util
-    from conftest import ROOT
+
     from distalex.model import AlexNet, AlexNetSpec
+
+    from helpers import ROOT
+
     spec = importlib.util.spec_from_file_location("seed_baseline", ROOT / "bench" / "seed_baseline.py")
     baseline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(baseline)
     seed, ours = baseline.seed_net(), AlexNet(AlexNetSpec())
     assert [v.shape for v in seed.state_dict().values()] == [v.shape for v in ours.state_dict().values()]
     assert sum(p.numel() for p in seed.parameters()) == 46_764_746
-    ours.load_state_dict(dict(zip(ours.state_dict(), seed.state_dict().values())))
+    ours.load_state_dict(dict(zip(ours.state_dict(), seed.state_dict().values(), strict=True)))
     seed.eval(), ours.eval()
     x = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -1,29 +1,19 @@
 """Curves, the comparison command and RunLog's tracker handling, without training."""
+
 import importlib.util
 import json
-import struct
 
 import pytest
-from PIL import Image
 
-from conftest import ROOT, TINY
 from distalex.config import load_config
 from distalex.plots import curve_series, plot_comparison, plot_curves
 from distalex.tracking import RunLog, read_jsonl, run_name
 
+from helpers import ROOT, TINY, png_size
+
 spec = importlib.util.spec_from_file_location("distalex_compare", ROOT / "launch" / "compare.py")
 compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
-
-
-def png_size(path):
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    assert data[12:16] == b"IHDR"
-    width, height = struct.unpack(">II", data[16:24])
-    with Image.open(path) as im:
-        im.verify()
-    return len(data), width, height
 
 
 def fake_rows(epochs=3, steps_per_epoch=4, acc0=0.5):
@@ -31,10 +21,25 @@ def fake_rows(epochs=3, steps_per_epoch=4, acc0=0.5):
     for e in range(epochs):
         for s in range(1, steps_per_epoch + 1):
             step = e * steps_per_epoch + s
-            rows.append({"step": step, "epoch": step / steps_per_epoch, "loss": 2.0 / step, "lr": 0.1,
-                         "examples_per_sec": 100.0})
-        rows.append({"step": (e + 1) * steps_per_epoch, "epoch": float(e + 1), "loss": 1.0 / (e + 1),
-                     "train_acc": acc0 + 0.1 * e, "test_acc": acc0 + 0.05 * e, "examples_per_sec": 100.0})
+            rows.append(
+                {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "loss": 2.0 / step,
+                    "lr": 0.1,
+                    "examples_per_sec": 100.0,
+                }
+            )
+        rows.append(
+            {
+                "step": (e + 1) * steps_per_epoch,
+                "epoch": float(e + 1),
+                "loss": 1.0 / (e + 1),
+                "train_acc": acc0 + 0.1 * e,
+                "test_acc": acc0 + 0.05 * e,
+                "examples_per_sec": 100.0,
+            }
+        )
     return rows
 
 
@@ -47,8 +52,16 @@ def write_run(path, summary, rows=()):
     return path
 
 
-SUMMARY = {"split_mode": "single", "world_size": 1, "towers": 1, "mixed_precision": "no",
-           "test_acc": 0.81234, "examples_per_sec": 400.0, "wall_time_s": 12.34, "loss": 0.5}
+SUMMARY = {
+    "split_mode": "single",
+    "world_size": 1,
+    "towers": 1,
+    "mixed_precision": "no",
+    "test_acc": 0.81234,
+    "examples_per_sec": 400.0,
+    "wall_time_s": 12.34,
+    "loss": 0.5,
+}
 
 
 # -- plots ---------------------------------------------------------------------------
@@ -68,13 +81,15 @@ def test_plot_curves_writes_a_png(tmp_path):
     path = plot_curves(fake_rows(), tmp_path / "curves.png", title="run")
     size, width, height = png_size(path)
     assert size > 5000 and width > 200 and height > 150
-    assert list(tmp_path.iterdir()) == [path]          # no temporary file left behind
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
     assert plot_curves([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_plot_comparison_writes_a_png(tmp_path):
-    runs = [{"label": "a", "rows": fake_rows(), "examples_per_sec": 100.0},
-            {"label": "b", "rows": [], "examples_per_sec": None}]      # no curves, no throughput: still drawn
+    runs = [
+        {"label": "a", "rows": fake_rows(), "examples_per_sec": 100.0},
+        {"label": "b", "rows": [], "examples_per_sec": None},
+    ]  # no curves, no throughput: still drawn
     size, width, height = png_size(plot_comparison(runs, tmp_path / "sub" / "c.png"))
     assert size > 10000 and width > height > 100
 
@@ -82,9 +97,19 @@ def test_plot_comparison_writes_a_png(tmp_path):
 # -- compare ---------------------------------------------------------------------------
 def test_compare_table_json_and_png(tmp_path, capsys, monkeypatch):
     a = write_run(tmp_path / "single", SUMMARY, fake_rows())
-    b = write_run(tmp_path / "ddp", {**SUMMARY, "split_mode": "ddp", "world_size": 2, "test_acc": 0.8,
-                                     "examples_per_sec": 700.0, "wall_time_s": 7.0, "mixed_precision": "bf16"},
-                  fake_rows(acc0=0.4))
+    b = write_run(
+        tmp_path / "ddp",
+        {
+            **SUMMARY,
+            "split_mode": "ddp",
+            "world_size": 2,
+            "test_acc": 0.8,
+            "examples_per_sec": 700.0,
+            "wall_time_s": 7.0,
+            "mixed_precision": "bf16",
+        },
+        fake_rows(acc0=0.4),
+    )
     monkeypatch.chdir(tmp_path)
     assert compare.main([str(a), str(b)]) == 0
     out = capsys.readouterr().out
@@ -100,10 +125,10 @@ def test_compare_table_json_and_png(tmp_path, capsys, monkeypatch):
 
 def test_compare_out_png_path_and_duplicate_labels(tmp_path, capsys):
     a = write_run(tmp_path / "x" / "run", SUMMARY)
-    b = write_run(tmp_path / "y" / "run", {**SUMMARY, "test_acc": None})   # no test accuracy: shown as '-'
+    b = write_run(tmp_path / "y" / "run", {**SUMMARY, "test_acc": None})  # no test accuracy: shown as '-'
     assert compare.main([str(a), str(b), "--out", str(tmp_path / "out" / "cmp.png")]) == 0
     out = capsys.readouterr().out
-    assert str(a) in out and str(b) in out                # same directory names: labelled by path
+    assert str(a) in out and str(b) in out  # same directory names: labelled by path
     assert (tmp_path / "out" / "cmp.png").is_file() and (tmp_path / "out" / "cmp.json").is_file()
     line = next(line for line in out.splitlines() if line.startswith(str(b)))
     assert line.split()[5] == "-"
@@ -176,12 +201,12 @@ def test_runlog_wandb_init_arguments(tmp_path, monkeypatch):
     c = cfg("split_mode=ddp", "tracking.project=proj", "train.mixed_precision=no")
     log = RunLog(tmp_path / "run", True, acc)
     log.start_wandb(c, {"split_mode": "ddp"}, run_name(c, 4, "NVIDIA H100 80GB HBM3"))
-    (project, config, init), = acc.inits
+    ((project, config, init),) = acc.inits
     assert project == "proj" and config == {"split_mode": "ddp"}
     w = init["wandb"]
     assert w["name"] == "tiny-ddp-4xnvidia-h100-80gb-hbm3-fp32"
     assert (w["group"], w["job_type"], w["mode"]) == ("tiny", "ddp", "offline")
-    assert w["dir"] == str(tmp_path / "run")              # offline files under the run's output dir
+    assert w["dir"] == str(tmp_path / "run")  # offline files under the run's output dir
     assert log.wandb_on
     # Group, run name and WANDB_DIR are the user's to choose; with WANDB_MODE set, it decides.
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wd"))
@@ -216,7 +241,7 @@ def test_runlog_curves_after_each_epoch_row_only(tmp_path):
     first = log.curves_path.read_bytes()
     log.log({"step": 3, "epoch": 1.5, "loss": 0.8})
     log.log(epoch_row(4, 2.0))
-    assert log.curves_path.read_bytes() != first        # redrawn with the second epoch
+    assert log.curves_path.read_bytes() != first  # redrawn with the second epoch
     png_size(log.curves_path)
 
     off = RunLog(tmp_path / "off", True, None, plots=False)
@@ -229,6 +254,7 @@ def test_runlog_plot_failure_warns_once_and_logging_goes_on(tmp_path, monkeypatc
 
     def boom(*a, **k):
         raise RuntimeError("no fonts")
+
     monkeypatch.setattr(distalex.plots, "plot_curves", boom)
     log = RunLog(tmp_path / "run", True, None)
     for e in range(1, 4):
@@ -248,8 +274,8 @@ def test_runlog_tracker_failure_warns_once_and_logging_goes_on(tmp_path, capsys,
     log.finish({"loss": 0.2})
     err = capsys.readouterr().err
     assert err.count("warning: wandb tracker disabled") == 1
-    assert "service down" in err and "second line" not in err   # one line
-    assert acc.trackers == []                                   # the broken tracker is dropped
+    assert "service down" in err and "second line" not in err  # one line
+    assert acc.trackers == []  # the broken tracker is dropped
     assert [r["step"] for r in read_jsonl(log.metrics_path)] == [1, 2, 3, 4, 5]
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"loss": 0.2}
 
@@ -266,7 +292,7 @@ def test_runlog_unwritable_wandb_dir_warns_without_calling_wandb(tmp_path, monke
 
 
 def test_runlog_missing_wandb_package_warns(tmp_path, capsys):
-    acc = FakeAccelerator(log_with=())      # accelerate drops 'wandb' when the package is missing
+    acc = FakeAccelerator(log_with=())  # accelerate drops 'wandb' when the package is missing
     log = RunLog(tmp_path / "run", True, acc)
     log.start_wandb(cfg(), {}, "n")
     assert capsys.readouterr().err.count("wandb tracker disabled (ImportError") == 1
@@ -294,14 +320,15 @@ def test_runlog_finish_updates_summary_then_finishes_tracker(tmp_path):
 
 def test_credentials_decide_offline(tmp_path, monkeypatch):
     from distalex.tracking import has_wandb_credentials
+
     for var in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     netrc = tmp_path / "netrc"
     monkeypatch.setenv("NETRC", str(netrc))
-    assert not has_wandb_credentials()                       # no netrc at all
+    assert not has_wandb_credentials()  # no netrc at all
     netrc.write_text("machine api.wandb.ai\n  login user\n  password k\n")
     assert has_wandb_credentials()
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
-    assert not has_wandb_credentials()                       # a key for another host
+    assert not has_wandb_credentials()  # a key for another host
     monkeypatch.setenv("WANDB_API_KEY", "k")
     assert has_wandb_credentials()

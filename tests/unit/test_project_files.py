@@ -1,11 +1,13 @@
 """The README's test block is what CI runs; shipped configs load and validate."""
+
 import re
 
 import pytest
 import yaml
 
-from conftest import ROOT
 from distalex.config import load_config
+
+from helpers import ROOT
 
 
 def test_ci_runs_the_readme_test_block_verbatim():
@@ -25,7 +27,8 @@ def test_shipped_experiment_configs_validate(path):
 @pytest.mark.parametrize("path", sorted((ROOT / "launch").glob("*.yaml")), ids=lambda p: p.name)
 def test_launch_configs_are_accelerate_configs(path):
     from accelerate.commands.config.config_args import load_config_from_file
+
     cfg = load_config_from_file(str(path))
     assert cfg.num_processes == yaml.safe_load(path.read_text())["num_processes"]
     assert cfg.num_processes >= cfg.num_machines >= 1
-    assert "--split-mode" in path.read_text()      # each says which split mode it is for
+    assert "--split-mode" in path.read_text()  # each says which split mode it is for

@@ -1,15 +1,17 @@
 """The LR schedules (distalex/schedule.py): constant (d2l) and plateau ÷10 (the
 paper, §5), their semantics against torch's ReduceLROnPlateau, and an exact
 resume of the schedule through the real CLI."""
+
 import random
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, latest_checkpoint, metrics, run_cli
 from distalex.checkpoint import read
 from distalex.config import load_config
 from distalex.schedule import LRSchedule
+
+from helpers import ROOT, TINY, latest_checkpoint, metrics, run_cli
 
 ROOT_LR = 0.01
 
@@ -29,13 +31,14 @@ def trajectory(schedule: LRSchedule, errors) -> list:
 
 # --------------------------------------------------------------------------- plateau
 
+
 @pytest.mark.parametrize("patience", [0, 1, 2, 3, 5])
 def test_plateau_divides_by_ten_after_patience(patience):
     s = plateau(patience)
-    assert s.step_epoch(0.5) is False                      # the first epoch improves on +inf
-    for _ in range(patience):                              # `patience` stalled epochs are tolerated
+    assert s.step_epoch(0.5) is False  # the first epoch improves on +inf
+    for _ in range(patience):  # `patience` stalled epochs are tolerated
         assert s.step_epoch(0.5) is False and s.lr == ROOT_LR
-    assert s.step_epoch(0.5) is True                       # one more: the rate is divided by 10
+    assert s.step_epoch(0.5) is True  # one more: the rate is divided by 10
     assert s.lr == pytest.approx(ROOT_LR / 10) and s.reductions == 1 and s.bad_epochs == 0
     # the count starts again after a reduction
     for _ in range(patience):
@@ -67,7 +70,7 @@ def test_min_lr_stops_further_reductions():
     used = trajectory(s, [0.9] * 40)
     assert s.reductions == 3 and s.lr == pytest.approx(1e-5)
     assert sorted(set(used), reverse=True) == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5])
-    assert used[-1] == s.lr                                  # stays at the floor
+    assert used[-1] == s.lr  # stays at the floor
     # a floor that is not a power of ten away: the rate never goes below it
     s = plateau(0, lr=0.01, min_lr=0.0005)
     trajectory(s, [0.9] * 20)
@@ -93,19 +96,20 @@ def test_plateau_matches_torch_reduce_lr_on_plateau(patience):
     errors = [round(e, 3) for e in errors]
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=ROOT_LR)
-    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=patience,
-                                                     threshold=0.0, cooldown=0, min_lr=0.0, eps=0.0)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=0.1, patience=patience, threshold=0.0, cooldown=0, min_lr=0.0, eps=0.0
+    )
     ours, torch_lrs = plateau(patience), []
     for err in errors:
         torch_lrs.append(opt.param_groups[0]["lr"])
         ref.step(err)
     assert trajectory(ours, errors) == pytest.approx(torch_lrs, rel=1e-12)
-    assert ours.reductions >= 1                                # the curve did stall somewhere
+    assert ours.reductions >= 1  # the curve did stall somewhere
 
 
 def test_apply_and_state_dict_round_trip():
     s = plateau(2)
-    trajectory(s, [0.5, 0.4, 0.45, 0.45, 0.45, 0.47])          # one reduction, then one bad epoch
+    trajectory(s, [0.5, 0.4, 0.45, 0.45, 0.45, 0.47])  # one reduction, then one bad epoch
     assert (s.reductions, s.bad_epochs, s.best) == (1, 1, 0.4)
     state = s.state_dict()
     fresh = plateau(2)
@@ -128,10 +132,23 @@ EPOCHS, STOP_AT = 6, 2
 # the first stall in half, so the resumed run only reduces on time if `best`
 # and `bad_epochs` came back from the checkpoint.
 LR = 1e-9
-RUN = ["--config", TINY, "tracking.wandb=false", "tracking.plots=false", "train.progress=false",
-       "data.name=synthetic", "data.synthetic_train_size=64", "data.synthetic_test_size=64",
-       "train.batch_size=32", "train.log_every=1", "model.dropout=0", f"optim.lr={LR}",
-       "optim.momentum=0", "optim.schedule=plateau", "optim.plateau_patience=1"]
+RUN = [
+    "--config",
+    TINY,
+    "tracking.wandb=false",
+    "tracking.plots=false",
+    "train.progress=false",
+    "data.name=synthetic",
+    "data.synthetic_train_size=64",
+    "data.synthetic_test_size=64",
+    "train.batch_size=32",
+    "train.log_every=1",
+    "model.dropout=0",
+    f"optim.lr={LR}",
+    "optim.momentum=0",
+    "optim.schedule=plateau",
+    "optim.plateau_patience=1",
+]
 
 
 def epoch_rows(run_dir):

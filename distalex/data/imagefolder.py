@@ -13,18 +13,18 @@ per-channel mean is subtracted.  Evaluation: shorter side to ``resize_size``,
 the centre crop or, with ``eval.ten_crop``, the ten crops (4 corners + centre
 and their mirrors) that the training loop averages the softmax over.
 
-Batches follow the same plan as :class:`distalex.data.DeviceLoader`: one
-permutation per epoch from ``(train.seed, epoch)``, cut into global batches;
-replica ``r`` of ``R`` takes the r-th contiguous slice of each.  The random
+Batches follow the same :class:`~distalex.data.common.GlobalBatchPlan` as the
+in-memory datasets.  The random
 augmentation of a sample depends only on ``(seed, epoch, index)`` (one
 generator per sample), never on worker scheduling, so any placement, any
 number of DataLoader workers and a resume at any batch see identical tensors.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torchvision.transforms.functional as TF
@@ -32,39 +32,47 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from distalex.data import DataBundle, DataError, epoch_permutation
+from distalex.data.common import Batch, DataBundle, GlobalBatchPlan
+from distalex.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # ImageNet statistics on [0, 1] RGB (the values fb.resnet.torch and torchvision use).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),   # columns are the eigenvectors
-                   (-0.5808, -0.0045, -0.8140),
-                   (-0.5836, -0.6948, 0.4203))
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),  # columns are the eigenvectors
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
 
-Sample = Tuple[str, int]
+Sample = tuple[str, int]
 
 
 # --------------------------------------------------------------------------- transforms
+
 
 class PCALighting(nn.Module):
     """AlexNet's colour augmentation (§4.1): add ``eigvec @ (alpha * eigval)`` to every
     pixel, with ``alpha ~ N(0, sigma)`` drawn once per image.  ``sigma = 0`` is the identity.
     """
 
-    def __init__(self, sigma: float = 0.1, eigval: Sequence[float] = IMAGENET_EIGVAL,
-                 eigvec: Sequence[Sequence[float]] = IMAGENET_EIGVEC):
+    def __init__(
+        self,
+        sigma: float = 0.1,
+        eigval: Sequence[float] = IMAGENET_EIGVAL,
+        eigvec: Sequence[Sequence[float]] = IMAGENET_EIGVEC,
+    ):
         super().__init__()
         self.sigma = float(sigma)
         self.register_buffer("eigval", torch.tensor(eigval, dtype=torch.float32), persistent=False)
         self.register_buffer("eigvec", torch.tensor(eigvec, dtype=torch.float32), persistent=False)
 
-    def offset(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def offset(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """The RGB shift [3] of one draw."""
         alpha = torch.randn(3, generator=generator) * self.sigma
         return self.eigvec @ (alpha * self.eigval)
 
-    def forward(self, img: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``img``: float [3, H, W]; returns a new tensor (or ``img`` itself when sigma is 0)."""
         if self.sigma == 0:
             return img
@@ -114,7 +122,7 @@ class TrainTransform:
         self.lighting = PCALighting(pca_sigma)
 
     def __call__(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
-        img = TF.resize(img, self.resize_size)            # shorter side -> resize_size
+        img = TF.resize(img, self.resize_size)  # shorter side -> resize_size
         w, h = img.size
         s = self.image_size
         top = int(torch.randint(0, h - s + 1, (1,), generator=g))
@@ -142,15 +150,15 @@ class EvalTransform:
 
 # --------------------------------------------------------------------------- folders
 
-def scan_split(directory: Path) -> Tuple[Tuple[str, ...], List[Sample]]:
+
+def scan_split(directory: Path) -> tuple[tuple[str, ...], list[Sample]]:
     """Class names (sorted sub-folders) and (path, label) samples, in a fixed order."""
     if not directory.is_dir():
-        raise DataError(f"ImageFolder split {directory} does not exist (expected "
-                        f"{directory}/<class>/<image files>)")
+        raise DataError(f"ImageFolder split {directory} does not exist (expected {directory}/<class>/<image files>)")
     classes = tuple(sorted(e.name for e in os.scandir(directory) if e.is_dir()))
     if not classes:
         raise DataError(f"ImageFolder split {directory} has no class sub-folders")
-    samples: List[Sample] = []
+    samples: list[Sample] = []
     for label, name in enumerate(classes):
         found = []
         for root, dirs, files in os.walk(directory / name, followlinks=True):
@@ -158,12 +166,11 @@ def scan_split(directory: Path) -> Tuple[Tuple[str, ...], List[Sample]]:
             found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
         samples += [(p, label) for p in found]
     if not samples:
-        raise DataError(f"ImageFolder split {directory} holds no images "
-                        f"(extensions {', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"ImageFolder split {directory} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
     return classes, samples
 
 
-def limit_samples(samples: List[Sample], n: Optional[int]) -> List[Sample]:
+def limit_samples(samples: list[Sample], n: int | None) -> list[Sample]:
     """``n`` evenly spaced samples (ImageFolder order is by class, so the first n
     would all be one class); all of them when ``n`` is unset or large."""
     if n is None or n >= len(samples):
@@ -174,13 +181,13 @@ def limit_samples(samples: List[Sample], n: Optional[int]) -> List[Sample]:
 class TrainSamples(Dataset):
     """Indexed by ``(index, epoch)`` so the augmentation is reproducible."""
 
-    def __init__(self, samples: List[Sample], transform: TrainTransform, seed: int):
+    def __init__(self, samples: list[Sample], transform: TrainTransform, seed: int):
         self.samples, self.transform, self.seed = samples, transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key
         path, label = self.samples[index]
         img = _load_rgb(path, self.transform.resize_size)
@@ -188,13 +195,13 @@ class TrainSamples(Dataset):
 
 
 class EvalSamples(Dataset):
-    def __init__(self, samples: List[Sample], transform: EvalTransform):
+    def __init__(self, samples: list[Sample], transform: EvalTransform):
         self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return self.transform(_load_rgb(path, self.transform.resize_size)), label
 
@@ -206,22 +213,17 @@ class EpochBatchSampler:
     workers serves every epoch; each index carries its epoch to the worker.
     """
 
-    def __init__(self, n: int, global_batch: int, replica: int, replicas: int, seed: int):
-        self.n, self.global_batch, self.seed = n, global_batch, seed
-        self.local_batch = global_batch // replicas
-        self.offset = replica * self.local_batch
-        self.batches_per_epoch = n // global_batch
+    def __init__(self, plan: GlobalBatchPlan):
+        self.plan = plan
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
-        return max(0, self.batches_per_epoch - self.start_batch)
+        return max(0, self.plan.batches_per_epoch - self.start_batch)
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
-        order = epoch_permutation(self.n, self.seed, epoch).tolist()
-        for b in range(self.start_batch, self.batches_per_epoch):
-            start = b * self.global_batch + self.offset
-            yield [(i, epoch) for i in order[start:start + self.local_batch]]
+        for index in self.plan.epoch_indices(epoch, self.start_batch):
+            yield [(i, epoch) for i in index.tolist()]
 
 
 def _one_line(exc: DataError) -> DataError:
@@ -229,7 +231,7 @@ def _one_line(exc: DataError) -> DataError:
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     tail = lines[-1] if lines else str(exc)
     prefix = "DataError: "
-    return DataError(tail[tail.find(prefix) + len(prefix):] if prefix in tail else tail)
+    return DataError(tail[tail.find(prefix) + len(prefix) :] if prefix in tail else tail)
 
 
 class ImageFolderLoader:
@@ -237,27 +239,17 @@ class ImageFolderLoader:
     ``epoch(epoch, start_batch)`` (augmented training batches) and
     ``eval_batches(batch_size)`` (evaluation crops, every example once)."""
 
-    def __init__(self, samples: List[Sample], cfg, global_batch: int, replica: int, replicas: int,
-                 device: torch.device, training: bool):
-        if global_batch % replicas:
-            raise ValueError(f"global batch {global_batch} not divisible by {replicas} replicas")
+    def __init__(self, samples: list[Sample], cfg, plan: GlobalBatchPlan, device: torch.device):
         d, t = cfg.data, cfg.train
-        self.samples = samples
-        self.global_batch, self.replica, self.replicas = global_batch, replica, replicas
-        self.local_batch = global_batch // replicas
+        self.samples, self.plan = samples, plan
         self.device = torch.device(device)
-        self.seed = t.seed
         self.num_workers = d.num_workers
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.pin = self.device.type == "cuda"
-        self.batches_per_epoch = len(samples) // global_batch
-        if training and self.batches_per_epoch == 0:
-            raise DataError(f"the training set has {len(samples)} examples, fewer than one global "
-                            f"batch (train.batch_size={global_batch})")
         self.train_transform = TrainTransform(d.resize_size, d.image_size, d.pca_sigma)
         self.eval_transform = EvalTransform(d.resize_size, d.image_size, cfg.eval.ten_crop)
-        self._sampler: Optional[EpochBatchSampler] = None
-        self._train_loader: Optional[DataLoader] = None
+        self._sampler: EpochBatchSampler | None = None
+        self._train_loader: DataLoader | None = None
         self._eval_loaders = {}
 
     def _loader_kwargs(self) -> dict:
@@ -265,41 +257,45 @@ class ImageFolderLoader:
         # seed from the global torch RNG, which would shift the dropout masks by
         # where in the run the loaders happened to be (re)started - no exact resume.
         # (Augmentation never uses it: see sample_generator.)
-        return dict(num_workers=self.num_workers, pin_memory=self.pin,
-                    persistent_workers=self.num_workers > 0,
-                    generator=torch.Generator().manual_seed(self.seed))
+        return dict(
+            num_workers=self.num_workers,
+            pin_memory=self.pin,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.plan.seed),
+        )
 
-    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.plan.batches_per_epoch
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
         x = x.to(self.device, non_blocking=self.pin)
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=self.pin)
 
-    def _iterate(self, loader: DataLoader) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def _iterate(self, loader: DataLoader) -> Iterator[Batch]:
         try:
             for x, y in loader:
                 yield self._to_device(x, y)
         except DataError as exc:
             raise _one_line(exc) from None
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         if self._train_loader is None:
-            self._sampler = EpochBatchSampler(len(self.samples), self.global_batch, self.replica,
-                                              self.replicas, self.seed)
-            dataset = TrainSamples(self.samples, self.train_transform, self.seed)
+            self._sampler = EpochBatchSampler(self.plan)
+            dataset = TrainSamples(self.samples, self.train_transform, self.plan.seed)
             self._train_loader = DataLoader(dataset, batch_sampler=self._sampler, **self._loader_kwargs())
         # The sampler is read when the DataLoader's iterator is (re)started, i.e. at
         # the first next() below, so set it inside the generator.
         self._sampler.epoch, self._sampler.start_batch = epoch, start_batch
         yield from self._iterate(self._train_loader)
 
-    def eval_batches(self, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """Every example once, this replica's contiguous share [n*r//R, n*(r+1)//R)."""
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """Every example once over all replicas; this replica's contiguous share."""
         loader = self._eval_loaders.get(batch_size)
         if loader is None:
-            n = len(self.samples)
-            lo, hi = n * self.replica // self.replicas, n * (self.replica + 1) // self.replicas
-            share = Subset(EvalSamples(self.samples, self.eval_transform), range(lo, hi))
+            share = Subset(EvalSamples(self.samples, self.eval_transform), self.plan.eval_range())
             loader = DataLoader(share, batch_size=batch_size, shuffle=False, **self._loader_kwargs())
             self._eval_loaders[batch_size] = loader
         yield from self._iterate(loader)
@@ -308,31 +304,34 @@ class ImageFolderLoader:
 def build_imagefolder(cfg, replica: int, replicas: int, device: torch.device) -> DataBundle:
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.root is None:
-        raise DataError("data.name=imagefolder needs data.root: a folder holding train/ and val/ "
-                        "in torchvision's ImageFolder layout")
+        raise DataError(
+            "data.name=imagefolder needs data.root: a folder holding train/ and val/ "
+            "in torchvision's ImageFolder layout"
+        )
     root = Path(d.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"ImageFolder root {root} does not exist (data.root; expected "
-                        f"{root}/train/<class>/... and {root}/val/<class>/...)")
+        raise DataError(
+            f"ImageFolder root {root} does not exist (data.root; expected "
+            f"{root}/train/<class>/... and {root}/val/<class>/...)"
+        )
     if m.in_channels != 3:
-        raise DataError(f"ImageFolder images are loaded as RGB: model.in_channels must be 3, "
-                        f"got {m.in_channels}")
+        raise DataError(f"ImageFolder images are loaded as RGB: model.in_channels must be 3, got {m.in_channels}")
     if d.resize_size < d.image_size:
-        raise DataError(f"data.resize_size={d.resize_size} is smaller than the crop "
-                        f"data.image_size={d.image_size}")
+        raise DataError(f"data.resize_size={d.resize_size} is smaller than the crop data.image_size={d.image_size}")
     train_classes, train_samples = scan_split(root / "train")
     val_classes, val_samples = scan_split(root / "val")
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f"ImageFolder {root}: the class folders of train/ and val/ differ "
-                        f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})")
-    if len(train_classes) != m.num_classes:
-        raise DataError(f"ImageFolder {root} has {len(train_classes)} classes but "
-                        f"model.num_classes={m.num_classes}")
+        raise DataError(
+            f"ImageFolder {root}: the class folders of train/ and val/ differ "
+            f"(only in train: {only_train[:5]}, only in val: {only_val[:5]})"
+        )
     train_samples = limit_samples(train_samples, d.train_limit)
     val_samples = limit_samples(val_samples, d.test_limit)
-    common = dict(cfg=cfg, global_batch=t.batch_size, replica=replica, replicas=replicas, device=device)
-    return DataBundle(ImageFolderLoader(train_samples, training=True, **common),
-                      ImageFolderLoader(val_samples, training=False, **common),
-                      len(train_classes), train_classes)
+
+    def loader(samples: list[Sample]) -> ImageFolderLoader:
+        plan = GlobalBatchPlan(len(samples), t.batch_size, replica, replicas, t.seed)
+        return ImageFolderLoader(samples, cfg, plan, device)
+
+    return DataBundle(loader(train_samples), loader(val_samples), len(train_classes), train_classes)

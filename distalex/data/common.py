@@ -1,0 +1,86 @@
+"""What every dataset shares: the global-batch plan, the loader interface, the bundle.
+
+Batches are planned over the *global* batch: one permutation per epoch from
+``(seed, epoch)``, cut into global batches, and replica ``r`` of ``R`` takes the
+r-th equal slice of each.  So ``single`` and ``ddp`` with any number of
+replicas see the same global batches in the same order (docs/design.md,
+"Guarantees"), and the processes of one replica (its towers) see the same
+batch.  The last partial global batch of an epoch is dropped, so every step
+has the same shape in every placement.  Evaluation visits every example once:
+replica ``r`` takes the contiguous share ``[n*r//R, n*(r+1)//R)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: a function of (seed, epoch) only."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+@dataclass(frozen=True)
+class GlobalBatchPlan:
+    """Which examples replica ``replica`` of ``replicas`` sees, batch by batch.
+
+    ``global_batch`` is divisible by ``replicas``: the placement checked it
+    (:meth:`distalex.parallel.Mesh.plan`) before any data was built.
+    """
+
+    n: int
+    global_batch: int
+    replica: int = 0
+    replicas: int = 1
+    seed: int = 0
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.replicas
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def epoch_indices(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """This replica's indices of every global batch of ``epoch``, from ``start_batch`` on."""
+        order = epoch_permutation(self.n, self.seed, epoch)
+        lo = self.replica * self.local_batch
+        for b in range(start_batch, self.batches_per_epoch):
+            start = b * self.global_batch + lo
+            yield order[start : start + self.local_batch]
+
+    def eval_range(self) -> range:
+        """This replica's contiguous share of the evaluation set (every example once over all replicas)."""
+        return range(self.n * self.replica // self.replicas, self.n * (self.replica + 1) // self.replicas)
+
+
+class BatchLoader(Protocol):
+    """What the training loop needs of a dataset's loader."""
+
+    plan: GlobalBatchPlan
+
+    @property
+    def batches_per_epoch(self) -> int: ...
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """This replica's (images, labels) of every training batch of ``epoch`` from ``start_batch``."""
+        ...
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """This replica's share of the evaluation set, in batches of ``batch_size``."""
+        ...
+
+
+@dataclass
+class DataBundle:
+    train: BatchLoader
+    test: BatchLoader
+    num_classes: int
+    classes: tuple[str, ...]

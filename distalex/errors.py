@@ -1,0 +1,73 @@
+"""Every error distalex reports to a user, and the exit status it stands for.
+
+The CLI maps a :class:`DistalexError` to its ``exit_code`` in one place
+(:func:`distalex.cli.main`); nothing else decides exit statuses.
+
+* :class:`BadInput` (exit 2): the run was refused before it wrote anything -- a
+  config key or value, the world size, the data, a checkpoint, the output dir.
+* :class:`RunFailure` (exit 1): the run started and failed (a non-finite loss,
+  a full disk); what it wrote before the failure is kept.
+* :class:`Interrupted` (exit 128 + signal): SIGTERM/SIGINT stopped the run
+  after it wrote a checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class DistalexError(Exception):
+    """Base of the errors a user sees as one line (``distalex: error: ...``)."""
+
+    exit_code = 1
+    label = "error"
+
+
+class BadInput(DistalexError):
+    """Bad input: nothing was written or overwritten (exit status 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(BadInput, ValueError):
+    """A config value is unknown, mistyped or impossible, or the world size does not fit it."""
+
+
+class ModelSpecError(ConfigError):
+    """The requested network cannot be built (width, towers or image size)."""
+
+
+class DataError(BadInput):
+    """Data missing, corrupt or unusable."""
+
+
+class CheckpointError(BadInput):
+    """A checkpoint is missing, unreadable, unsafe or for a different network."""
+
+
+class RunDirError(BadInput):
+    """``train.output_dir`` cannot be used by this run."""
+
+
+class RunFailure(DistalexError):
+    """The run failed after it started; earlier checkpoints and records are kept (exit status 1)."""
+
+
+class NonFiniteLoss(RunFailure):
+    """The loss or the weights became NaN/inf."""
+
+
+class Interrupted(DistalexError):
+    """SIGTERM/SIGINT: the step finished and a checkpoint was written (exit status 128 + signal)."""
+
+    label = "stopped"
+
+    def __init__(self, signum: int, path):
+        name = signal.Signals(signum).name
+        where = f"checkpoint {path}" if path else "no checkpoint written"
+        super().__init__(f"stopped by {name}; {where}; continue with train.resume=auto")
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return 128 + self.signum

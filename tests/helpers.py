@@ -1,0 +1,123 @@
+"""Helpers every test shares: run the real CLI (one process, or N gloo ranks
+through ``accelerate launch``), read a run's records, make image folders,
+check PNGs, and the one table of split modes the placement tests use."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from distalex.io import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "launch" / "train.py")
+TINY = str(ROOT / "configs" / "tiny.yaml")
+PAPER = str(ROOT / "configs" / "paper_imagenet.yaml")
+# A few seconds per run on 2 cores: 1/8-width network, 67x67 images, small subsets.
+QUICK = [
+    "--config", TINY, "tracking.wandb=false", "train.progress=false",
+    "data.train_limit=1024", "data.test_limit=256", "train.batch_size=32",
+]  # fmt: skip
+
+# Every split mode with the process count the placement tests run it at.
+SPLIT_MODES = {
+    "single": (1, ["--split-mode", "single"]),
+    "ddp": (2, ["--split-mode", "ddp"]),
+    "model-parallel": (2, ["--split-mode", "model-parallel"]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a CLI subprocess: wandb off, one thread, pinned to the CPU
+    (so the multi-process tests run unchanged on a machine with one GPU)."""
+    env = dict(os.environ)
+    env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
+    env.update(extra)
+    return env
+
+
+def launch_cmd(nprocs: int, *args, extra_launch=()) -> list:
+    """The command users type: plain python for 1 process, accelerate launch for more."""
+    if nprocs == 1:
+        return [sys.executable, TRAIN, *args]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), *extra_launch, TRAIN, *args,
+    ]  # fmt: skip
+
+
+def run_cli(*args, nprocs: int = 1, timeout: float = 300, env=None, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        launch_cmd(nprocs, *args), capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=ROOT
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir) -> list:
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def step_losses(run_dir) -> dict:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "train_acc" not in r and "loss" in r}
+
+
+def summary(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def latest_checkpoint(run_dir) -> Path:
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*"))[-1]
+
+
+def make_folder(root, classes=3, n_train=6, n_val=3, seed=0):
+    """An ImageFolder (``train/`` and ``val/``): a solid colour per class plus pixel
+    noise (learnable), landscape and portrait (40x48, 48x40), JPEG and PNG mixed
+    (``img0`` is a JPEG).  ``classes``: a count (folders ``class0`` ...) or names."""
+    names = [f"class{c}" for c in range(classes)] if isinstance(classes, int) else list(classes)
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(30, 226, size=(len(names), 3))
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(names):
+            d = Path(root) / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                shape = (40, 48, 3) if i % 2 == 0 else (48, 40, 3)
+                pixels = np.clip(colours[c] + rng.normal(0, 20, size=shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / (f"img{i}.png" if i % 2 else f"img{i}.jpg"))
+    return Path(root)
+
+
+def png_size(path) -> tuple:
+    """(bytes, width, height) of a valid PNG file; fails the test on anything else."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    with Image.open(path) as im:
+        im.verify()
+    return len(data), width, height
+
+
+def device_loader(dataset, global_batch, image_size, seed, device, replica=0, replicas=1, channels_last=False):
+    """A DeviceLoader over ``dataset`` for replica ``replica`` of ``replicas``."""
+    from distalex.data import DeviceLoader, GlobalBatchPlan
+
+    plan = GlobalBatchPlan(len(dataset), global_batch, replica, replicas, seed)
+    return DeviceLoader(dataset, plan, image_size, device, channels_last=channels_last)
