@@ -235,14 +235,3 @@ def replicated_parameters(spec: AlexNetSpec) -> int:
     with torch.device("meta"):
         reference = AlexNet(spec)
     return sum(p.numel() for n, p in reference.named_parameters() if is_replicated(n))
-
-
-__all__ = [
-    "HybridAlexNet",
-    "check_divisible",
-    "exchange_bytes_per_step",
-    "is_replicated",
-    "reference_view",
-    "replicated_parameters",
-    "shard_dim",
-]

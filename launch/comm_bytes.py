@@ -153,7 +153,9 @@ def main(argv=None):
             print(line)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"bytes": rows, "step_time_1_s": t1, "step_time_source": source, "projected": scaling}, fh, indent=2)
+            json.dump(
+                {"bytes": rows, "step_time_1_s": t1, "step_time_source": source, "projected": scaling}, fh, indent=2
+            )
 
 
 if __name__ == "__main__":
