@@ -15,9 +15,11 @@ accuracy on the first ``test_limit`` test images; plain SGD lr 0.01 as the seed.
   (c) ddp        distalex, 2 processes (gloo), DDP
   (d) mp         distalex, 2 processes, model-parallel: one tower per process
   (e) single-t2  distalex, one process, model.towers=2 (the reference for (d))
+  (f) hybrid     distalex, 2 processes, hybrid: data-parallel convolutions, fc6-fc8
+                 split by units (Krizhevsky 2014; same network as (b) and (c))
 
 At equal total cores: a one-process row gets all cores as threads, each of the two
-processes of (c)/(d) gets half of them (OMP_NUM_THREADS).  Figures per row:
+processes of (c)/(d)/(f) gets half of them (OMP_NUM_THREADS).  Figures per row:
 
   train      training examples/sec over the training steps only, as d2l counts them
              (distalex: its summary.json; baseline: d2l's Timer), first step included
@@ -231,7 +233,7 @@ def read_distalex(run_dir: Path) -> dict:
     return {
         "summary": summary,
         "steady": steady,
-        "step_times_s": [round(b - a, 4) for a, b in zip([0.0] + times, times, strict=True)],
+        "step_times_s": [round(b - a, 4) for a, b in zip([0.0] + times[:-1], times, strict=True)],
     }
 
 
@@ -324,7 +326,7 @@ def run_distalex(
             "step_times_s": r["step_times_s"],
         }
     )
-    for k in ("tower_bytes_per_step", "ddp_bytes_per_step"):
+    for k in ("tower_bytes_per_step", "hybrid_bytes_per_step", "ddp_bytes_per_step"):
         if k in s:
             row[k] = s[k]
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of the full net are ~190 MB
@@ -422,6 +424,7 @@ def bench(args, sched, work) -> dict:
         ("c", ("ddp, 2 processes", "ddp", 2, extra)),
         ("d", ("model-parallel, 2 processes", "model-parallel", 2, extra)),
         ("e", ("single, model.towers=2", "single", 1, ["model.towers=2"] + extra)),
+        ("f", ("hybrid, 2 processes", "hybrid", 2, extra)),
     ]
     runs = []
     for rep, (name, spec) in alternating_rounds(specs, args.repeat):
@@ -465,6 +468,8 @@ def bench(args, sched, work) -> dict:
         "issue7: ddp train >= 0.85x single": ratios["c"]["train/b"],
         "issue7: model-parallel train >= 0.85x single": ratios["d"]["train/b"],
         "issue3: model-parallel train >= 0.9x single towers=2": ratios["d"]["train/e"],
+        "hybrid train >= ddp train at equal cores (f / c)": ratio(rows, "f", "c", "train"),
+        "hybrid train >= 0.9x single (f / b)": ratios["f"]["train/b"],
     }
     print("\ntargets (measured):", flush=True)
     for k, v in targets.items():

@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--split-mode",
         choices=SPLIT_MODES,
         default=None,
-        help="placement: single device, DDP replicas, or the paper's model-parallel towers",
+        help="placement: single device, DDP replicas, the paper's model-parallel towers, or hybrid "
+        "(data-parallel convolutions, model-parallel fully-connected layers)",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="OmegaConf dot-list overrides")
     return parser.parse_intermixed_args(argv)  # flags may follow the key=value overrides

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distalex.errors import ConfigError
 
-SPLIT_MODES = ("single", "ddp", "model-parallel")
+SPLIT_MODES = ("single", "ddp", "model-parallel", "hybrid")
 DATASETS = ("fashion_mnist", "synthetic", "imagefolder")
 PRECISIONS = ("no", "bf16", "fp16")
 # YAML 1.1 reads a bare `no` as a boolean; OmegaConf then stores "False".
@@ -29,7 +29,7 @@ INITS = ("xavier", "paper")
 @dataclass
 class ModelConfig:
     # Towers of the paper's layout (§3.5).  Unset: 2 (the paper's) for
-    # model-parallel, 1 (the seed's single net) for single and ddp.
+    # model-parallel, 1 (the seed's single net) for single, ddp and hybrid.
     towers: Optional[int] = None
     width: float = 1.0  # channel/unit multiplier, 1.0 = the paper's widths
     dropout: float = 0.5

@@ -7,6 +7,11 @@ split mode.  Nothing else in distalex branches on the split mode.
 Mesh layout for model-parallel: rank = replica * T + tower, so the towers of
 one replica are neighbouring ranks (one machine, fast links) and a tower's
 replicas are T ranks apart (docs/design.md, "Mesh").
+
+hybrid: a one-dimensional mesh of W ranks that is both the data-parallel
+dimension of conv1..conv5 (each rank its B/W rows, DDP over the replicated
+parameters only) and the model-parallel dimension of fc6..fc8 (each rank 1/W
+of the units); see :mod:`distalex.hybrid`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distalex import hybrid
 from distalex.errors import ConfigError
 from distalex.model import AlexNet, AlexNetSpec, init_weights, spec_from_config
 from distalex.towers import CommStats, TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
@@ -26,14 +32,23 @@ from distalex.towers import CommStats, TowerAlexNet, ddp_bytes_per_step, gather_
 @dataclass(frozen=True)
 class Mesh:
     world_size: int
-    replicas: int  # data-parallel copies of the model (or of a tower group)
+    replicas: int  # data-parallel copies of the model (or of a tower group); in hybrid, of the convolutions
     tower_ranks: int  # processes per replica, each holding one tower (1 unless model-parallel with W > 1)
+    fc_shards: int = 1  # hybrid: ranks that split fc6..fc8 by units (W); 1 otherwise
 
     @staticmethod
     def plan(
-        split_mode: str, world_size: int, towers: int, global_batch: int, mixed_precision: str, cuda: bool
+        split_mode: str,
+        world_size: int,
+        towers: int,
+        global_batch: int,
+        mixed_precision: str,
+        cuda: bool,
+        fc_units: int | None = None,
+        width: float | None = None,
     ) -> Mesh:
-        """Validate the numbers; raise ConfigError showing those that do not add up."""
+        """Validate the numbers; raise ConfigError showing those that do not add up.
+        ``fc_units`` (at ``model.width`` = ``width``) is checked in hybrid mode."""
         if mixed_precision == "fp16" and not cuda:
             raise ConfigError(
                 "config key 'train.mixed_precision': fp16 needs a CUDA device (none here); use bf16 or no"
@@ -42,13 +57,21 @@ class Mesh:
             if world_size != 1:
                 raise ConfigError(
                     f"split_mode=single runs one process but {world_size} were "
-                    f"launched; use --split-mode ddp or model-parallel"
+                    f"launched; use --split-mode ddp, model-parallel or hybrid"
                 )
             return Mesh(1, 1, 1)
         if split_mode == "ddp":
             mesh = Mesh(world_size, world_size, 1)
-        elif world_size == 1:  # model-parallel single-device fallback
+        elif world_size == 1:  # model-parallel and hybrid: single-device fallback
             mesh = Mesh(1, 1, 1)
+        elif split_mode == "hybrid":
+            if fc_units is not None and fc_units % world_size:
+                raise ConfigError(
+                    f"hybrid splits fc6/fc7's units over the processes: {fc_units} units "
+                    f"(model.width={width}) are not divisible by W={world_size} processes "
+                    f"({fc_units} % {world_size} = {fc_units % world_size})"
+                )
+            mesh = Mesh(world_size, world_size, 1, fc_shards=world_size)
         else:
             if world_size % towers:
                 raise ConfigError(
@@ -58,10 +81,10 @@ class Mesh:
                 )
             mesh = Mesh(world_size, world_size // towers, towers)
         if global_batch % mesh.replicas:
+            what = f"W={mesh.replicas} processes" if mesh.fc_shards > 1 else f"{mesh.replicas} replicas"
             raise ConfigError(
                 f"config key 'train.batch_size': the global batch {global_batch} is not divisible "
-                f"by {mesh.replicas} replicas ({global_batch} % {mesh.replicas} = "
-                f"{global_batch % mesh.replicas})"
+                f"by {what} ({global_batch} % {mesh.replicas} = {global_batch % mesh.replicas})"
             )
         return mesh
 
@@ -74,10 +97,11 @@ class Placement:
     device: torch.device
     spec: AlexNetSpec
     tower_group: dist.ProcessGroup | None = None  # this replica's towers
-    replica_group: dist.ProcessGroup | None = None  # this tower's replicas
+    replica_group: dist.ProcessGroup | None = None  # this tower's replicas (hybrid: all ranks)
+    shard_group: dist.ProcessGroup | None = None  # hybrid: the ranks that split fc6..fc8 (all ranks)
     control_group: dist.ProcessGroup | None = None  # gloo, all ranks: host-side flags
     notices: list = field(default_factory=list)
-    exchange_stats: CommStats = field(default_factory=CommStats)  # bytes the tower exchanges send
+    exchange_stats: CommStats = field(default_factory=CommStats)  # bytes the tower/hybrid exchanges send
     _comm: dict = field(default_factory=dict)  # the latest figures of comm_bytes_per_step
 
     @property
@@ -93,35 +117,59 @@ class Placement:
         return self.mesh.tower_ranks > 1
 
     @property
+    def fc_sharded(self) -> bool:
+        """hybrid with W > 1: fc6..fc8 split over the ranks."""
+        return self.mesh.fc_shards > 1
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     # -- model ------------------------------------------------------------------------
     def build_model(self, init: str, seed: int) -> nn.Module:
         """The reference model initialised identically on every rank, then (for
-        model-parallel) cut to this rank's tower.  Not yet wrapped for DDP."""
+        model-parallel) cut to this rank's tower, (for hybrid) to this rank's fc
+        shards.  Not yet wrapped for DDP."""
         torch.manual_seed(seed)
         reference = AlexNet(self.spec)
         init_weights(reference, init)
-        if not self.tower_parallel:
+        if self.tower_parallel:
+            model = TowerAlexNet(self.spec, self.tower, self.tower_group, self.exchange_stats)
+        elif self.fc_sharded:
+            model = hybrid.HybridAlexNet(
+                self.spec, self.rank, self.mesh.fc_shards, self.shard_group, self.exchange_stats
+            )
+        else:
             return reference.to(self.device)
-        tower = TowerAlexNet(self.spec, self.tower, self.tower_group, self.exchange_stats)
-        tower.load_state_dict(shard_state_dict(reference.state_dict(), self.tower, self.mesh.tower_ranks))
-        return tower.to(self.device)
+        model.load_state_dict(self.local_tensors(reference.state_dict()))
+        return model.to(self.device)
 
     def wrap(self, model: nn.Module, accelerator) -> nn.Module:
         """DDP across replicas.  In model-parallel mode only over *this tower's*
         replicas: tower A is never averaged with tower B (docs/design.md,
         "Guarantees"), which is why accelerate's prepare (DDP over all ranks)
-        is not used there."""
+        is not used there.  In hybrid mode over the replicated parameters only
+        (conv1..conv5, fc8's bias): the fc shards are never averaged."""
+        if self.fc_sharded:
+            ignore = [n for n, _ in model.named_parameters() if not hybrid.is_replicated(n)]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         if self.mesh.replicas > 1:
-            params = sum(p.numel() for p in model.parameters())
+            synced = [p for n, p in model.named_parameters() if not self.fc_sharded or hybrid.is_replicated(n)]
+            params = sum(p.numel() for p in synced)
             self._comm["ddp_bytes_per_step"] = ddp_bytes_per_step(params, self.mesh.replicas)
-        if self.mesh.replicas > 1 and not self.tower_parallel:
+        if self.mesh.replicas > 1 and not (self.tower_parallel or self.fc_sharded):
             return accelerator.prepare_model(model)
         if self.mesh.replicas > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=self.replica_group)
+        return model
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """The module evaluation runs (a collective in hybrid mode): the model itself,
+        or in hybrid mode the reference model with the fc shards gathered, so that
+        evaluation is plain data parallelism (each rank its own share, any size)."""
+        if self.fc_sharded:
+            return hybrid.reference_view(model)
         return model
 
     # -- collectives ------------------------------------------------------------------
@@ -141,25 +189,29 @@ class Placement:
         return bool(t.item())
 
     def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Reference-shaped copies of per-parameter tensors (a collective in model-parallel)."""
+        """Reference-shaped copies of per-parameter tensors (a collective in model-parallel and hybrid)."""
         if self.tower_parallel:
             return gather_tensors(tensors, self.tower_group, self.mesh.tower_ranks)
+        if self.fc_sharded:
+            return gather_tensors(tensors, self.shard_group, self.mesh.fc_shards, dim_of=hybrid.shard_dim)
         return {k: v.detach().clone() for k, v in tensors.items()}
 
     def local_tensors(self, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's slices of reference-shaped tensors."""
         if self.tower_parallel:
             return shard_state_dict(reference, self.tower, self.mesh.tower_ranks)
+        if self.fc_sharded:
+            return shard_state_dict(reference, self.rank, self.mesh.fc_shards, dim_of=hybrid.shard_dim)
         return reference
 
     # -- communication figures ----------------------------------------------------------
     def comm_bytes_per_step(self, steps: int) -> dict[str, int]:
         """Bytes this rank sent per training step over the last ``steps`` steps: DDP's
         gradient all-reduce (from the parameter count, ring accounting) and the tower
-        exchanges as counted while they ran (not counted under torch.compile)."""
+        or hybrid exchanges as counted while they ran (not counted under torch.compile)."""
         sent = self.exchange_stats.pop() // max(steps, 1)
         if sent:
-            self._comm["tower_bytes_per_step"] = sent
+            self._comm["hybrid_bytes_per_step" if self.fc_sharded else "tower_bytes_per_step"] = sent
         return dict(self._comm)
 
     def comm_summary(self) -> dict[str, int]:
@@ -200,6 +252,8 @@ def setup(cfg, accelerator) -> Placement:
         cfg.train.batch_size,
         cfg.train.mixed_precision,
         torch.cuda.is_available(),
+        fc_units=spec.fc_units,
+        width=cfg.model.width,
     )
     placement = Placement(cfg.split_mode, mesh, accelerator.process_index, accelerator.device, spec)
     if cfg.split_mode == "model-parallel" and world == 1:
@@ -207,7 +261,14 @@ def setup(cfg, accelerator) -> Placement:
             f"model-parallel with 1 process: single-device fallback, all {cfg.model.towers} towers "
             f"as grouped convolutions on {accelerator.device}"
         )
+    if cfg.split_mode == "hybrid" and world == 1:
+        placement.notices.append(
+            f"hybrid with 1 process: single-device fallback, the whole model on {accelerator.device}"
+        )
     placement.tower_group, placement.replica_group = process_groups(mesh, accelerator.device.type)
+    if mesh.fc_shards > 1:
+        # The exchanges get a group of their own, apart from DDP's: each keeps its own order of collectives.
+        placement.shard_group = dist.new_group(list(range(world)), timeout=timedelta(seconds=cfg.train.timeout_s))
     if world > 1:
         cpu = dist.get_backend() == "gloo"
         placement.control_group = dist.group.WORLD if cpu else dist.new_group(backend="gloo")

@@ -128,35 +128,44 @@ class TowerAlexNet(nn.Module):
         return logits + self.fc8.bias
 
 
-def shard_state_dict(reference: dict[str, torch.Tensor], tower: int, towers: int) -> dict[str, torch.Tensor]:
+def shard_state_dict(
+    reference: dict[str, torch.Tensor], tower: int, towers: int, dim_of=shard_dim
+) -> dict[str, torch.Tensor]:
     """This tower's slice of a reference-model state dict (or of any per-parameter
-    tensors shaped like the parameters, e.g. momentum buffers)."""
+    tensors shaped like the parameters, e.g. momentum buffers).  ``dim_of(name)``:
+    the dimension a parameter is cut along, None when every part holds all of it
+    (the towers' layout by default; :mod:`distalex.hybrid` passes its own)."""
     out = {}
     for name, tensor in reference.items():
-        dim = shard_dim(name)
+        dim = dim_of(name)
         out[name] = tensor if dim is None else tensor.chunk(towers, dim=dim)[tower]
         out[name] = out[name].clone()
     return out
 
 
-def unshard_state_dict(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def unshard_state_dict(shards: list[dict[str, torch.Tensor]], dim_of=shard_dim) -> dict[str, torch.Tensor]:
     """Concatenate the towers' slices (in tower order) back into reference tensors."""
     out = {}
     for name in shards[0]:
-        dim = shard_dim(name)
+        dim = dim_of(name)
         out[name] = shards[0][name].clone() if dim is None else torch.cat([s[name] for s in shards], dim=dim)
     return out
 
 
-def gather_tensors(tensors: dict[str, torch.Tensor], group, towers: int) -> dict[str, torch.Tensor]:
-    """Collective over the tower group: every tower gets the reference-shaped tensors."""
-    parts: dict[str, list[torch.Tensor]] = {}
+def gather_tensors(tensors: dict[str, torch.Tensor], group, towers: int, dim_of=shard_dim) -> dict[str, torch.Tensor]:
+    """Collective over the tower group: every tower gets the reference-shaped tensors.
+    Tensors every part holds whole (``dim_of`` None) are not sent: this part's copy is kept."""
+    out = {}
     for name, t in tensors.items():
+        dim = dim_of(name)
+        if dim is None:
+            out[name] = t.detach().clone()
+            continue
         t = t.detach().contiguous()
         gathered = [torch.empty_like(t) for _ in range(towers)]
         dist.all_gather(gathered, t, group=group)
-        parts[name] = gathered
-    return unshard_state_dict([{n: parts[n][i] for n in parts} for i in range(towers)])
+        out[name] = torch.cat(gathered, dim=dim)
+    return out
 
 
 def exchange_bytes_per_step(spec: AlexNetSpec, local_batch: int, element_size: int = 4) -> dict[str, int]:

@@ -120,6 +120,7 @@ class Trainer:
             "replicas": p.mesh.replicas,
             "towers": cfg.model.towers,
             "tower_processes": p.mesh.tower_ranks,
+            "fc_shards": p.mesh.fc_shards,
             "mixed_precision": cfg.train.mixed_precision,
             "global_batch": cfg.train.batch_size,
             "device": device,
@@ -216,7 +217,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         return evaluate_accuracy(
-            self.state.model,
+            self.placement.inference_model(self.state.model),
             self.data.test,
             self.eval_batch,
             self.placement,

@@ -1,61 +1,161 @@
 #!/usr/bin/env python
-"""Bytes each process sends per training step: the towers' activation exchanges
-(model-parallel) beside DDP's gradient all-reduce, for one experiment's network.
+"""Bytes each process sends per training step in every split mode, and a
+projected scaling table built from them.
 
-    python launch/comm_bytes.py [--config PATH] [key=value ...]
+    python launch/comm_bytes.py [--config PATH] [--step-time S | --from-run RUN_DIR] [--json OUT] [key=value ...]
+
+Table 1 (arithmetic from the layer shapes, fp32, ring accounting - the same
+figures the exchanges count as they run, which the tests compare): for W = 2,
+4, 8, 16 processes, ddp (W replicas), model-parallel (2 towers x W/2
+replicas: the two-tower network) and hybrid (W fc shards, the experiment's
+network).
+
+Table 2 is a MODEL, not a measurement:
+
+    T_W = T_1 / W + S_W / beta        efficiency = T_1 / (W * T_W)
+
+T_1 is a measured single-device step time (``--from-run``: a finished
+``single`` run's summary.json, T_1 = global batch / examples_per_sec; or
+``--step-time``; by default d2l's published V100 figure for the seed
+experiment, 4107 examples/s at batch 128), S_W the bytes one process sends per
+step (table 1) and beta one process's link bandwidth in one direction. It
+assumes the arithmetic divides perfectly over the W processes, no overlap of
+communication with computation, no latency, and each process a link of its own
+at the full bandwidth.  The model-parallel rows reuse the one-tower network's
+T_1 (the two-tower network computes less, so those rows are pessimistic).
 """
+
+from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
+from distalex import hybrid
 from distalex.config import load_config
 from distalex.model import AlexNet, count_parameters, spec_from_config
 from distalex.towers import ddp_bytes_per_step, exchange_bytes_per_step
+
+WORLD_SIZES = (2, 4, 8, 16)
+# One direction, per process.  NVLink 4 (H100 SXM): 900 GB/s both directions;
+# PCIe 4.0 x16: 31.5 GB/s; InfiniBand 100 Gb/s (EDR): 12.5 GB/s.
+LINKS = {"NVLink 4": 450e9, "PCIe 4.0 x16": 31.5e9, "InfiniBand 100 Gb/s": 12.5e9}
+# d2l's published figure for the seed experiment on one V100 (the lowest of its runs).
+D2L_V100_EXAMPLES_PER_SEC = 4107.0
+
+
+def bytes_table(cfg) -> list[dict]:
+    """Bytes one process sends per step, for every split mode at W = 2..16."""
+    batch = cfg.train.batch_size
+    base = spec_from_config(cfg)
+    two_towers = dataclasses.replace(base, towers=2)
+    rows = []
+    for world in WORLD_SIZES:
+        ddp = ddp_bytes_per_step(count_parameters(AlexNet(base)), world)
+        rows.append(_row("ddp", world, f"{world} x1", 0, ddp))
+        replicas = world // 2
+        tower = sum(exchange_bytes_per_step(two_towers, batch // replicas).values())
+        mp_ddp = ddp_bytes_per_step(count_parameters(AlexNet(two_towers)) // 2, replicas) if replicas > 1 else 0
+        rows.append(_row("model-parallel", world, f"{replicas} x2", tower, mp_ddp))
+        if base.fc_units % world == 0 and batch % world == 0:
+            exchange = sum(hybrid.exchange_bytes_per_step(base, world, batch).values())
+            conv = ddp_bytes_per_step(hybrid.replicated_parameters(base), world)
+            rows.append(_row("hybrid", world, f"{world} shards", exchange, conv))
+    return rows
+
+
+def _row(mode: str, world: int, layout: str, exchange: int, allreduce: int) -> dict:
+    return {
+        "split_mode": mode,
+        "world_size": world,
+        "layout": layout,
+        "exchange_bytes": exchange,
+        "ddp_allreduce_bytes": allreduce,
+        "total_bytes": exchange + allreduce,
+    }
+
+
+def projected_step_time(t1: float, world: int, bytes_sent: float, bandwidth: float) -> float:
+    """The model's step time: T_1 / W + S_W / beta (see the module docstring)."""
+    return t1 / world + bytes_sent / bandwidth
+
+
+def scaling_table(rows: list[dict], t1: float, links: dict = LINKS) -> list[dict]:
+    out = []
+    for link, bandwidth in links.items():
+        for r in rows:
+            t = projected_step_time(t1, r["world_size"], r["total_bytes"], bandwidth)
+            out.append(
+                {
+                    "link": link,
+                    "split_mode": r["split_mode"],
+                    "world_size": r["world_size"],
+                    "step_time_s": t,
+                    "speedup": t1 / t,
+                    "efficiency": t1 / (r["world_size"] * t),
+                }
+            )
+    return out
+
+
+def single_step_time(args, batch: int) -> tuple[float, str]:
+    if args.step_time is not None:
+        return args.step_time, f"--step-time {args.step_time}"
+    if args.from_run is not None:
+        summary = json.loads((Path(args.from_run) / "summary.json").read_text())
+        b = summary.get("global_batch", batch)
+        return b / summary["examples_per_sec"], (
+            f"measured: {args.from_run} ({summary.get('split_mode')}, {summary.get('device')}, "
+            f"{summary['examples_per_sec']:.1f} examples/s at batch {b})"
+        )
+    return batch / D2L_V100_EXAMPLES_PER_SEC, (
+        f"d2l's published V100 figure, {D2L_V100_EXAMPLES_PER_SEC:.0f} examples/s at batch {batch}"
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/d2l_fashion_mnist.yaml")
-    parser.add_argument("--json", default=None, help="also write the table here")
+    parser.add_argument("--json", default=None, help="also write both tables here")
+    parser.add_argument("--step-time", type=float, default=None, help="T_1: single-device step time, seconds")
+    parser.add_argument("--from-run", default=None, help="T_1 from a finished single run's summary.json")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     batch = cfg.train.batch_size
-    rows = []
-    for towers, replicas in ((1, 2), (1, 4), (2, 1), (2, 2), (4, 1)):
-        # ddp rows replicate the experiment's own network; model-parallel rows split it into `towers`.
-        base = spec_from_config(cfg)
-        spec = dataclasses.replace(base, towers=towers) if towers > 1 else base
-        params = count_parameters(AlexNet(spec))
-        local = batch // replicas
-        tower = sum(exchange_bytes_per_step(spec, local).values()) if towers > 1 else 0
-        ddp = ddp_bytes_per_step(params // towers, replicas) if replicas > 1 else 0
-        mode = "ddp" if towers == 1 else "model-parallel"
-        rows.append(
-            {
-                "split_mode": mode,
-                "replicas": replicas,
-                "towers": towers,
-                "world_size": replicas * towers,
-                "tower_exchange_MB": tower / 1e6,
-                "ddp_allreduce_MB": ddp / 1e6,
-                "total_MB": (tower + ddp) / 1e6,
-            }
-        )
+    rows = bytes_table(cfg)
     print(
         f"{cfg.experiment}: {cfg.data.image_size}x{cfg.data.image_size}, global batch {batch}, fp32; "
         f"MB sent per process per step"
     )
-    print(f"{'split mode':<15}{'W':>3}{'R x T':>7}{'tower exchange':>16}{'DDP all-reduce':>16}{'total':>10}")
+    print(f"{'split mode':<15}{'W':>3}{'layout':>11}{'exchanges':>11}{'DDP all-reduce':>16}{'total':>9}")
     for r in rows:
         print(
-            f"{r['split_mode']:<15}{r['world_size']:>3}{r['replicas']:>4} x{r['towers']:<2}"
-            f"{r['tower_exchange_MB']:>16.1f}{r['ddp_allreduce_MB']:>16.1f}{r['total_MB']:>10.1f}"
+            f"{r['split_mode']:<15}{r['world_size']:>3}{r['layout']:>11}{r['exchange_bytes'] / 1e6:>11.1f}"
+            f"{r['ddp_allreduce_bytes'] / 1e6:>16.1f}{r['total_bytes'] / 1e6:>9.1f}"
         )
+    t1, source = single_step_time(args, batch)
+    scaling = scaling_table(rows, t1)
+    print(
+        f"\nPROJECTED (a model, not a measurement): T_W = T_1/W + S_W/beta, efficiency = T_1/(W*T_W); "
+        f"T_1 = {t1 * 1e3:.1f} ms ({source}); no overlap, no latency"
+    )
+    modes = list(dict.fromkeys(r["split_mode"] for r in rows))
+    print(f"{'link':<21}{'W':>3}" + "".join(f"{m + ' ms':>20}{'eff':>6}" for m in modes))
+    for link in LINKS:
+        for world in WORLD_SIZES:
+            cells = {s["split_mode"]: s for s in scaling if s["link"] == link and s["world_size"] == world}
+            line = f"{link:<21}{world:>3}"
+            for m in modes:
+                s = cells.get(m)
+                line += f"{s['step_time_s'] * 1e3:>20.2f}{s['efficiency']:>6.0%}" if s else f"{'-':>20}{'-':>6}"
+            print(line)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+            json.dump(
+                {"bytes": rows, "step_time_1_s": t1, "step_time_source": source, "projected": scaling}, fh, indent=2
+            )
 
 
 if __name__ == "__main__":

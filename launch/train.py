@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Entry point: ``accelerate launch [flags] launch/train.py [--config PATH]
-[--split-mode single|ddp|model-parallel] [key=value ...]`` (or plain ``python``)."""
+[--split-mode single|ddp|model-parallel|hybrid] [key=value ...]`` (or plain ``python``)."""
 
 import sys
 

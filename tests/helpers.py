@@ -32,6 +32,7 @@ SPLIT_MODES = {
     "single": (1, ["--split-mode", "single"]),
     "ddp": (2, ["--split-mode", "ddp"]),
     "model-parallel": (2, ["--split-mode", "model-parallel"]),
+    "hybrid": (2, ["--split-mode", "hybrid"]),
 }
 
 

@@ -6,11 +6,16 @@ import subprocess
 import pytest
 import torch
 
+from distalex import hybrid
 from distalex.checkpoint import load_reference, read
+from distalex.config import load_config
+from distalex.model import AlexNet, count_parameters, spec_from_config
+from distalex.towers import ddp_bytes_per_step
 
 from helpers import (
     QUICK,
     SPLIT_MODES,
+    TINY,
     cli_env,
     free_port,
     latest_checkpoint,
@@ -24,6 +29,7 @@ from helpers import (
 STEPS = 8
 # fp32: the invariance is proven "up to float rounding" at fp32's rounding.
 SAME = QUICK + ["model.dropout=0", f"train.max_steps={STEPS}", "train.log_every=1", "train.mixed_precision=no"]
+SAME += ["data.train_limit=160"]  # 5 steps per epoch: the STEPS steps cross an epoch boundary
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +41,8 @@ def runs(tmp_path_factory):
         "single_t2": (1, [*SPLIT_MODES["single"][1], "model.towers=2"]),
         "mp2": SPLIT_MODES["model-parallel"],
         "mp4": (4, ["--split-mode", "model-parallel"]),
+        "hybrid2": SPLIT_MODES["hybrid"],
+        "hybrid4_t2": (4, ["--split-mode", "hybrid", "model.towers=2"]),
     }
     out = {}
     for name, (nprocs, args) in plan.items():
@@ -64,20 +72,57 @@ def test_model_parallel_follows_single_with_towers(runs):
     assert rows and all(r["tower_bytes_per_step"] > 0 for r in rows)
 
 
+def test_hybrid_follows_single(runs):
+    """Data-parallel convolutions + model-parallel fc layers: the same trajectory as
+    single (towers=1 at W=2, towers=2 at W=4), across an epoch boundary."""
+    assert_same_losses(runs["single"], runs["hybrid2"])
+    assert_same_losses(runs["single_t2"], runs["hybrid4_t2"])
+    for name, world, towers in (("hybrid2", 2, 1), ("hybrid4_t2", 4, 2)):
+        s = summary(runs[name])
+        assert (s["split_mode"], s["world_size"], s["replicas"], s["fc_shards"], s["towers"]) == (
+            "hybrid",
+            world,
+            world,
+            world,
+            towers,
+        )
+        assert s["epochs"] > 1  # crossed an epoch boundary
+        # The exchanges' bytes, counted as they ran, are the shape arithmetic's; DDP
+        # all-reduces only the replicated parameters (conv1..conv5, fc8's bias).
+        overrides = [o for o in SAME if "=" in o] + [f"model.towers={towers}"]
+        cfg = load_config(TINY, overrides, split_mode="hybrid")
+        spec = spec_from_config(cfg)
+        rows = [r for r in metrics(runs[name]) if "hybrid_bytes_per_step" in r]
+        assert len(rows) == STEPS
+        expected = sum(hybrid.exchange_bytes_per_step(spec, world, cfg.train.batch_size).values())
+        assert all(r["hybrid_bytes_per_step"] == expected for r in rows)
+        conv = ddp_bytes_per_step(hybrid.replicated_parameters(spec), world)
+        assert all(r["ddp_bytes_per_step"] == conv for r in rows)
+        assert conv + expected < ddp_bytes_per_step(count_parameters(AlexNet(spec)), world)  # fewer than ddp
+
+
 def test_parameters_after_training_match_single(runs):
     """The weights themselves (not only the losses) agree after STEPS optimizer steps."""
-    for a, b in (("single", "ddp2"), ("single_t2", "mp2"), ("single_t2", "mp4")):
+    pairs = (
+        ("single", "ddp2"),
+        ("single_t2", "mp2"),
+        ("single_t2", "mp4"),
+        ("single", "hybrid2"),
+        ("single_t2", "hybrid4_t2"),
+    )
+    for a, b in pairs:
         wa, wb = read(latest_checkpoint(runs[a]))["model"], read(latest_checkpoint(runs[b]))["model"]
         for name in wa:
             assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=1e-6), (a, b, name)
 
 
 def test_checkpoints_round_trip_across_placements(runs, tmp_path):
-    """mp -> single -> ddp -> mp: the weights come back bitwise, predictions identical."""
+    """mp -> single -> ddp -> hybrid -> mp: the weights come back bitwise, predictions identical."""
     start = latest_checkpoint(runs["mp2"])
     hops = [
         (1, ["--split-mode", "single", "model.towers=2"]),
         (2, ["--split-mode", "ddp", "model.towers=2"]),
+        (2, ["--split-mode", "hybrid", "model.towers=2"]),
         (2, ["--split-mode", "model-parallel"]),
     ]
     ckpt, accs = start, [summary(runs["mp2"])["test_acc"]]
@@ -94,12 +139,13 @@ def test_checkpoints_round_trip_across_placements(runs, tmp_path):
     assert torch.equal(a(x), b(x))
 
 
-def test_single_device_fallback_trains_with_notice(tmp_path):
-    proc = run_cli(*QUICK, "--split-mode", "model-parallel", "train.max_steps=4", f"train.output_dir={tmp_path}")
+@pytest.mark.parametrize(("mode", "towers"), [("model-parallel", 2), ("hybrid", 1)])
+def test_single_device_fallback_trains_with_notice(tmp_path, mode, towers):
+    proc = run_cli(*QUICK, "--split-mode", mode, "train.max_steps=4", f"train.output_dir={tmp_path}")
     notices = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "single-device fallback" in line]
-    assert len(notices) == 1
+    assert len(notices) == 1 and notices[0].startswith(f"distalex: {mode} with 1 process"), notices
     s = summary(tmp_path)
-    assert (s["world_size"], s["towers"], s["steps"]) == (1, 2, 4)
+    assert (s["split_mode"], s["world_size"], s["towers"], s["steps"]) == (mode, 1, towers, 4)
 
 
 def test_world_size_not_multiple_of_towers(tmp_path):
@@ -112,6 +158,19 @@ def test_world_size_not_multiple_of_towers(tmp_path):
         "model.towers: W=3 processes, T=2 towers, 3 % 2 = 1"
     ]
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_hybrid_world_size_that_does_not_divide_the_fc_units(tmp_path):
+    # 3 processes, a global batch of 33 (divisible), 512 fc units at width 0.125 (not).
+    args = (*QUICK, "--split-mode", "hybrid", "train.batch_size=33", f"train.output_dir={tmp_path}")
+    proc = run_cli(*args, nprocs=3, check=False)
+    assert proc.returncode != 0 and "exitcode: 2" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distalex: error:")]
+    assert errors == [
+        "distalex: error: hybrid splits fc6/fc7's units over the processes: 512 units "
+        "(model.width=0.125) are not divisible by W=3 processes (512 % 3 = 2)"
+    ]
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_two_machines_train_model_parallel_together(tmp_path):
