@@ -60,3 +60,24 @@ def test_towers_differ_replicas_agree(tmp_path):
         expected = shard_state_dict(ref.state_dict(), tower, 2)
         for name, value in expected.items():
             assert rel_err(results[tower][name], value) <= 1e-5, name
+
+
+def test_fp16_overflow_on_one_tower_skips_the_step_on_every_rank(tmp_path):
+    """2 replicas x 2 towers; rank 3's gradients overflow (after DDP), no other rank's do.
+    Every rank must skip step 1 and halve its scale (one scale for the whole job), and
+    step 2 must equal the reference's first step: no gradient summed across towers
+    at different scales."""
+    results = spawn(w.fp16_overflow_on_one_rank, 4, 2, tmp_path)
+    ref = w.reference(2)
+    initial = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    for rank, res in enumerate(results):
+        assert res["scales"] == [1024.0, 512.0, 512.0], (rank, res["scales"])
+        skipped = res["weights"][0]
+        assert all(torch.equal(skipped[k], initial[k]) for k in initial), f"rank {rank} stepped on an overflow"
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    x, y = w.batch(seed=11)
+    F.cross_entropy(ref(x), y).backward()
+    opt.step()
+    for rank, res in enumerate(results):
+        for name, value in ref.state_dict().items():
+            assert rel_err(res["weights"][1][name], value) <= 1e-5, (rank, name)

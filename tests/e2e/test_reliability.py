@@ -197,3 +197,38 @@ def test_dead_rank_ends_the_job_within_timeout(tmp_path):
         assert not _worker_pids(tmp_path, 0), "rank 0 must not outlive the job"
     finally:
         kill_job(proc, tmp_path, signal.SIGKILL)
+
+
+HUNG_MARGIN_S = 60  # the launcher's 30 s SIGTERM grace before SIGKILL (a stopped rank ignores SIGTERM), start-up
+
+
+def test_hung_rank_in_a_2x2_mesh_ends_the_job_within_timeout(tmp_path):
+    """A rank that hangs (SIGSTOP: alive, sockets open) in a 2 replicas x 2 towers run.  Its
+    tower partner waits in a tower exchange, the other tower's replicas in DDP's all-reduce:
+    only the tower and replica groups' own timeouts can end the job, so they must be
+    train.timeout_s, not the backend's 30 min.  The stop-flag check (world group) is made
+    rare so that no rank is rescued by the world group's timeout."""
+    timeout_s = 20
+    proc = start(
+        4,
+        *QUICK,
+        "--split-mode",
+        "model-parallel",
+        "train.max_steps=100000",
+        "train.log_every=1",
+        "train.stop_check_every=100000",
+        f"train.timeout_s={timeout_s}",
+        f"train.output_dir={tmp_path}",
+    )
+    try:
+        wait_for_step(proc, tmp_path, 3)
+        victims = _worker_pids(tmp_path, 3)
+        assert len(victims) == 1
+        stopped_at = time.time()
+        os.kill(victims[0], signal.SIGSTOP)
+        proc.communicate(timeout=timeout_s + HUNG_MARGIN_S)
+        assert proc.returncode != 0
+        assert time.time() - stopped_at <= timeout_s + HUNG_MARGIN_S
+        assert not any(_worker_pids(tmp_path, r) for r in range(4)), "no rank may outlive the job"
+    finally:
+        kill_job(proc, tmp_path, signal.SIGKILL)  # SIGKILL ends a stopped process too
