@@ -232,3 +232,25 @@ def test_hung_rank_in_a_2x2_mesh_ends_the_job_within_timeout(tmp_path):
         assert not any(_worker_pids(tmp_path, r) for r in range(4)), "no rank may outlive the job"
     finally:
         kill_job(proc, tmp_path, signal.SIGKILL)  # SIGKILL ends a stopped process too
+
+
+def test_sigterm_stops_every_rank_at_an_agreed_check_step_and_resumes_exactly(tmp_path):
+    """The stop flag is checked every train.stop_check_every steps, at the same steps on every
+    rank: the stop happens after such a step, with a checkpoint that every rank took part in,
+    and the resumed run ends with the uninterrupted run's weights and losses."""
+    every = 3
+    args = [*RESUMABLE, *SPLIT_MODES["model-parallel"][1], "train.checkpoint_every=1000"]
+    args.append(f"train.stop_check_every={every}")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_cli(*args, f"train.output_dir={straight}", nprocs=2)
+    proc = start(2, *args, f"train.output_dir={stopped}")
+    wait_for_step(proc, stopped, 4)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    at = read(latest_checkpoint(stopped))["position"]["step"]
+    assert at % every == 0 and 4 <= at < STEPS, at
+    run_cli(*args, "train.resume=auto", f"train.output_dir={stopped}", nprocs=2)
+    a, b = final_weights(straight), final_weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert step_losses(stopped) == step_losses(straight)
