@@ -1,6 +1,7 @@
 """Guarantees 5 and 6: exact resume after SIGKILL, atomic checkpoints, graceful
 SIGTERM, the NaN guard, and a dead rank ending the job (real subprocesses)."""
 
+import json
 import os
 import re
 import signal
@@ -254,3 +255,63 @@ def test_sigterm_stops_every_rank_at_an_agreed_check_step_and_resumes_exactly(tm
     a, b = final_weights(straight), final_weights(stopped)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     assert step_losses(stopped) == step_losses(straight)
+
+
+def device_env(device: str) -> dict:
+    """cpu: the suite's pinned environment; cuda: the same with the GPU left visible."""
+    env = cli_env()
+    if device == "cuda":
+        env.pop("CUDA_VISIBLE_DEVICES")
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return env
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_deterministic_resume_from_a_middle_checkpoint_is_bitwise_equal(tmp_path, device):
+    """train.deterministic=true (with LRN, the op whose torch kernel has no deterministic
+    CUDA backward): a run resumed from a checkpoint in the middle of an uninterrupted run
+    ends with exactly its weights.  The resumed copy is the run dir as a kill right after
+    that checkpoint leaves it (later checkpoints gone, metrics rows trimmed on resume)."""
+    import shutil
+
+    args = [*RESUMABLE, "train.deterministic=true", "model.lrn=true", "train.keep_checkpoints=100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    env = device_env(device)
+    proc = subprocess.run(
+        launch_cmd(1, *args, f"train.output_dir={straight}"), capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((straight / "summary.json").read_text())
+    assert (s["deterministic"], s["cudnn_benchmark"]) == (True, False)
+    assert (s["device"] == "cpu") == (device == "cpu")
+    shutil.copytree(straight, resumed)
+    middle = 6
+    for path in list_checkpoints(str(resumed)):
+        if read(path)["position"]["step"] > middle:
+            path.unlink()
+    (resumed / "summary.json").unlink()
+    assert read(latest_checkpoint(resumed))["position"]["step"] == middle
+    proc = subprocess.run(
+        launch_cmd(1, *args, "train.resume=auto", f"train.output_dir={resumed}"),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert step_losses(resumed) == step_losses(straight)
