@@ -15,6 +15,8 @@ accuracy on the first ``test_limit`` test images; plain SGD lr 0.01 as the seed.
   (c) ddp        distalex, 2 processes (gloo), DDP
   (d) mp         distalex, 2 processes, model-parallel: one tower per process
   (e) single-t2  distalex, one process, model.towers=2 (the reference for (d))
+  (f) mp-nchw    (d) with train.channels_last=false: (d)/(f) is what channels_last buys
+                 model-parallel now that the tower exchanges keep the layout
 
 At equal total cores: a one-process row gets all cores as threads, each of the two
 processes of (c)/(d) gets half of them (OMP_NUM_THREADS).  Figures per row:
@@ -422,6 +424,7 @@ def bench(args, sched, work) -> dict:
         ("c", ("ddp, 2 processes", "ddp", 2, extra)),
         ("d", ("model-parallel, 2 processes", "model-parallel", 2, extra)),
         ("e", ("single, model.towers=2", "single", 1, ["model.towers=2"] + extra)),
+        ("f", ("model-parallel, 2 processes, NCHW", "model-parallel", 2, extra + ["train.channels_last=false"])),
     ]
     runs = []
     for rep, (name, spec) in alternating_rounds(specs, args.repeat):
@@ -465,6 +468,9 @@ def bench(args, sched, work) -> dict:
         "issue7: ddp train >= 0.85x single": ratios["c"]["train/b"],
         "issue7: model-parallel train >= 0.85x single": ratios["d"]["train/b"],
         "issue3: model-parallel train >= 0.9x single towers=2": ratios["d"]["train/e"],
+        # channels_last kept across the tower exchanges: what the layout buys model-parallel
+        "model-parallel channels_last / NCHW (train)": ratio(rows, "d", "f", "train"),
+        "model-parallel channels_last / NCHW (steady)": ratio(rows, "d", "f", "steady"),
     }
     print("\ntargets (measured):", flush=True)
     for k, v in targets.items():

@@ -10,8 +10,8 @@ from distalex.towers import exchange_bytes_per_step, shard_state_dict
 import tower_workers as w
 
 
-def spawn(fn, world, towers, tmp_path):
-    mp.spawn(fn, args=(world, towers, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+def spawn(fn, world, towers, tmp_path, *extra):
+    mp.spawn(fn, args=(world, towers, str(tmp_path / "store"), str(tmp_path), *extra), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -19,9 +19,14 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize(("world", "towers"), [(2, 2), (4, 2), (4, 4)])
-def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers):
-    results = spawn(w.exactness, world, towers, tmp_path)
+@pytest.mark.parametrize(
+    ("world", "towers", "channels_last"), [(2, 2, False), (4, 2, False), (4, 4, False), (2, 2, True)]
+)
+def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers, channels_last):
+    results = spawn(w.exactness, world, towers, tmp_path, channels_last)
+    # The exchange keeps the memory format it is given, forward and backward.
+    for res in results:
+        assert res["layouts"] == {"conv3_input": channels_last, "pool2_grad": channels_last}
     ref = w.reference(towers)
     x, y = w.batch()
     logits = ref(x)

@@ -31,24 +31,46 @@ def batch(n=8, seed=1):
     return torch.randn(n, 1, 67, 67, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def exactness(rank, world, towers, store_path, out_dir):
+def exactness(rank, world, towers, store_path, out_dir, channels_last=False):
     """Tower-parallel forward and gradients vs the reference on the same weights and batch.
-    Replica r takes the r-th slice of the global batch, as in training."""
+    Replica r takes the r-th slice of the global batch, as in training.  ``channels_last``:
+    model and batch in that memory format (as train.channels_last does); the layouts that
+    reach conv3 (after the exchange) and leave the exchange's backward are recorded."""
     placement = _placement(rank, world, towers, store_path)
     tower = placement.build_model("xavier", seed=0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    tower = tower.to(memory_format=fmt)
+    layouts = {}
+
+    # What leaves the exchange forward (conv3's input) and backward (the gradient of pool2's output).
+    def watch_pool2_grad(module, args, out):
+        out.register_hook(lambda g: _save(layouts, "pool2_grad", g))
+
+    tower.conv3.register_forward_pre_hook(lambda m, args: _save(layouts, "conv3_input", args[0]))
+    tower.pool2.register_forward_hook(watch_pool2_grad)
     model = placement.wrap(tower, accelerator=None)
     x, y = batch()
     local = x.shape[0] // placement.mesh.replicas
     sl = slice(placement.replica * local, (placement.replica + 1) * local)
-    logits = model(x[sl])
+    logits = model(x[sl].contiguous(memory_format=fmt))
     F.cross_entropy(logits, y[sl]).backward()
     grads = placement.full_tensors({n: p.grad for n, p in tower.named_parameters()})
     weights = placement.full_tensors(dict(tower.state_dict()))
     torch.save(
-        {"logits": logits.detach(), "grads": grads, "weights": weights, "bytes": tower.stats.bytes_sent},
+        {
+            "logits": logits.detach(),
+            "grads": grads,
+            "weights": weights,
+            "bytes": tower.stats.bytes_sent,
+            "layouts": layouts,
+        },
         f"{out_dir}/rank{rank}.pt",
     )
     dist.destroy_process_group()
+
+
+def _save(layouts: dict, name: str, t: torch.Tensor) -> None:
+    layouts[name] = t.is_contiguous(memory_format=torch.channels_last)
 
 
 def train_steps(rank, world, towers, store_path, out_dir, steps=3):
