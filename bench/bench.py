@@ -233,7 +233,7 @@ def read_distalex(run_dir: Path) -> dict:
     return {
         "summary": summary,
         "steady": steady,
-        "step_times_s": [round(b - a, 4) for a, b in zip([0.0] + times, times, strict=True)],
+        "step_times_s": [round(b - a, 4) for a, b in zip([0.0] + times[:-1], times, strict=True)],
     }
 
 
