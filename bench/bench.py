@@ -17,6 +17,8 @@ accuracy on the first ``test_limit`` test images; plain SGD lr 0.01 as the seed.
   (e) single-t2  distalex, one process, model.towers=2 (the reference for (d))
   (f) hybrid     distalex, 2 processes, hybrid: data-parallel convolutions, fc6-fc8
                  split by units (Krizhevsky 2014; same network as (b) and (c))
+  (g) mp-nchw    (d) with train.channels_last=false: (d)/(g) is what channels_last buys
+                 model-parallel now that the tower exchanges keep the layout
 
 At equal total cores: a one-process row gets all cores as threads, each of the two
 processes of (c)/(d)/(f) gets half of them (OMP_NUM_THREADS).  Figures per row:
@@ -425,6 +427,7 @@ def bench(args, sched, work) -> dict:
         ("d", ("model-parallel, 2 processes", "model-parallel", 2, extra)),
         ("e", ("single, model.towers=2", "single", 1, ["model.towers=2"] + extra)),
         ("f", ("hybrid, 2 processes", "hybrid", 2, extra)),
+        ("g", ("model-parallel, 2 processes, NCHW", "model-parallel", 2, extra + ["train.channels_last=false"])),
     ]
     runs = []
     for rep, (name, spec) in alternating_rounds(specs, args.repeat):
@@ -470,6 +473,9 @@ def bench(args, sched, work) -> dict:
         "issue3: model-parallel train >= 0.9x single towers=2": ratios["d"]["train/e"],
         "hybrid train >= ddp train at equal cores (f / c)": ratio(rows, "f", "c", "train"),
         "hybrid train >= 0.9x single (f / b)": ratios["f"]["train/b"],
+        # channels_last kept across the tower exchanges: what the layout buys model-parallel
+        "model-parallel channels_last / NCHW (train)": ratio(rows, "d", "g", "train"),
+        "model-parallel channels_last / NCHW (steady)": ratio(rows, "d", "g", "steady"),
     }
     print("\ntargets (measured):", flush=True)
     for k, v in targets.items():

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# GPU check (issue 7 §4), for one GPU: the seed experiment with distalex
+# GPU check, for one GPU, in one call.  First the GPU-readiness checks
+# (bench/gpu_readiness.py: auto precision on this card, more processes than GPUs
+# refused, channels_last and the fp16 skip decision across two tower processes
+# sharing the card, an fp16 run, bitwise resume with train.deterministic, and the
+# layout cost the exchange no longer pays), then the seed experiment with distalex
 # (default config = d2l's AlexNet chapter: 10 epochs, full Fashion-MNIST at 224,
 # batch 128, SGD lr 0.01) with the GPU fast paths, then ONE epoch of the seed's
 # own pipeline (bench/seed_baseline.py: PIL Resize+ToTensor, 4 DataLoader
@@ -9,12 +13,16 @@
 #   bash bench/gpu_check.sh                 # EPOCHS=10
 #   EPOCHS=3 bash bench/gpu_check.sh        # shorter, if the lease is tight
 #
-# Time: on an H100 the distalex part should take ~1-3 min for 10 epochs (the
-# seed net is ~5.6 GFLOP per image, 600k images) and the baseline epoch
-# well under a minute; each part has its own `timeout` (DISTALEX_TIMEOUT,
-# BASELINE_TIMEOUT; defaults 330 s and 180 s, so the script ends within ~9 min
-# whatever happens).  If distalex hits its limit it is stopped with SIGTERM,
-# writes a checkpoint and the script reports the epochs it finished.
+# Time: the readiness checks take ~2-3 min (mostly process start-ups); on an
+# H100 the distalex part should take ~1-3 min for 10 epochs (the seed net is
+# ~5.6 GFLOP per image, 600k images) and the baseline epoch well under a
+# minute.  Each part has its own `timeout` (READINESS_TIMEOUT, DISTALEX_TIMEOUT,
+# BASELINE_TIMEOUT; defaults 200 s, 240 s and 100 s, plus 10/30/10 s grace, so
+# the script ends within ~9.8 min whatever happens: give run() timeout_s=600).
+# If distalex hits its limit it is stopped with SIGTERM, writes a checkpoint
+# and the script reports the epochs it finished.
+# PARTS="readiness seed baseline" (default: all three) picks the parts to run;
+# PARTS=readiness alone (~3 min) runs only the readiness checks.
 #
 # Environment (all optional):
 #   EPOCHS=10            distalex epochs (the seed's 10)
@@ -23,7 +31,7 @@
 #   BASELINE_ARGS=""     more bench/seed_baseline.py arguments (e.g. --train-limit 2048)
 #   PYTHON=python3       interpreter with torch, torchvision, accelerate (the device image has them)
 #   DISTALEX_DATA        folder with the four Fashion-MNIST IDX files (.gz or unpacked)
-#   OUT=/tmp/gpu_check   where the small result files go (gpu_check.json, logs, metrics)
+#   OUT=/tmp/gpu_check   where the small result files go (gpu_check.json, gpu_readiness.json, logs, metrics)
 #   ALLOW_CPU=1          run without a GPU (only for a dry run of this script)
 #
 # The device machine has no network and no omegaconf/wandb and maybe no Debian
@@ -32,7 +40,7 @@
 #   mkdir -p .gpu/pydeps .gpu/fashion-mnist
 #   cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/
 #   cp -r /tmp/venv/lib/python3.11/site-packages/omegaconf .gpu/pydeps/   # pure Python; needs only PyYAML
-# then: run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=590)
+# then: run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
@@ -40,14 +48,16 @@ EPOCHS="${EPOCHS:-10}"
 FAST="${FAST:-train.mixed_precision=bf16 train.channels_last=true}"
 EXTRA="${EXTRA:-}"
 BASELINE_ARGS="${BASELINE_ARGS:-}"
-DISTALEX_TIMEOUT="${DISTALEX_TIMEOUT:-330}"
-BASELINE_TIMEOUT="${BASELINE_TIMEOUT:-180}"
+READINESS_TIMEOUT="${READINESS_TIMEOUT:-200}"
+DISTALEX_TIMEOUT="${DISTALEX_TIMEOUT:-240}"
+BASELINE_TIMEOUT="${BASELINE_TIMEOUT:-100}"
+PARTS="${PARTS:-readiness seed baseline}"
 OUT="${OUT:-/tmp/gpu_check}"
 RUNS="${RUNS:-/tmp/gpu_check_runs}"      # checkpoints (~190 MB each) stay out of $OUT
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT" "$RUNS"
 rm -f "$OUT"/distalex_summary.json "$OUT"/distalex_metrics.jsonl "$OUT"/baseline.json "$OUT"/gpu_check.json \
-      "$OUT"/distalex.log "$OUT"/baseline.log
+      "$OUT"/distalex.log "$OUT"/baseline.log "$OUT"/gpu_readiness.json "$OUT"/readiness.log
 
 # Import path: the repository (no install), plus carried pure-Python packages if needed.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -91,8 +101,25 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "gpu_check: /dev/shm " $2 " (DataLoader workers of the baseline need a few hundred MB)"}'
 
 now() { date +%s.%N; }
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# ---------------------------------------------------------------- GPU readiness checks
+RD_RC=0
+if part readiness; then
+    echo "gpu_check: readiness checks (bench/gpu_readiness.py)"
+    RD_ARGS=()
+    if [ -n "${ALLOW_CPU:-}" ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+        RD_ARGS=(--dry-run-cpu)
+    fi
+    timeout --signal=TERM --kill-after=10 "$READINESS_TIMEOUT" \
+        "$PY" bench/gpu_readiness.py --out "$OUT" "${RD_ARGS[@]}" 2>&1 | tee "$OUT/readiness.log" | grep "^gpu_readiness:"
+    RD_RC=${PIPESTATUS[0]}
+    echo "gpu_check: readiness exit $RD_RC (details: $OUT/gpu_readiness.json, $OUT/readiness.log)"
+fi
 
 # ---------------------------------------------------------------- distalex: the seed experiment
+DX_RC=0; BL_RC=0; t0=$(now); t1=$t0; t2=$t0; t3=$t0
+if part seed; then
 DIR="$RUNS/distalex"
 rm -rf "$DIR"
 echo "gpu_check: distalex, $EPOCHS epochs: $FAST $EXTRA" 
@@ -107,17 +134,20 @@ t1=$(now)
 echo "gpu_check: distalex exit $DX_RC after $(awk "BEGIN{print $t1 - $t0}") s"
 cp "$DIR/summary.json" "$OUT/distalex_summary.json" 2>/dev/null
 cp "$DIR/metrics.jsonl" "$OUT/distalex_metrics.jsonl" 2>/dev/null
+fi
 
 # ---------------------------------------------------------------- baseline: one epoch of the seed's pipeline
+if part baseline; then
 echo "gpu_check: baseline (seed pipeline), 1 epoch"
 t2=$(now)
 # shellcheck disable=SC2086
-timeout --signal=TERM --kill-after=20 "$BASELINE_TIMEOUT" \
+timeout --signal=TERM --kill-after=10 "$BASELINE_TIMEOUT" \
     "$PY" bench/seed_baseline.py --epochs 1 --cache-dir "$RUNS/fmnist-cache" --json-out "$OUT/baseline.json" \
     $BASELINE_ARGS 2>&1 | tee "$OUT/baseline.log" | grep -v -i warn
 BL_RC=${PIPESTATUS[0]}
 t3=$(now)
 echo "gpu_check: baseline exit $BL_RC after $(awk "BEGIN{print $t3 - $t2}") s"
+fi
 
 # ---------------------------------------------------------------- report
 DX_RC=$DX_RC BL_RC=$BL_RC DX_PROC_S=$(awk "BEGIN{print $t1 - $t0}") BL_PROC_S=$(awk "BEGIN{print $t3 - $t2}") \
@@ -137,6 +167,10 @@ rep = {"epochs_asked": int(os.environ["EPOCHS"]), "fast": os.environ["FAST"], "e
        "distalex_rc": int(os.environ["DX_RC"]), "baseline_rc": int(os.environ["BL_RC"]),
        "distalex_process_s": float(os.environ["DX_PROC_S"]), "baseline_process_s": float(os.environ["BL_PROC_S"])}
 print("\n================ gpu_check ================")
+rd = load("gpu_readiness.json")
+if rd:
+    rep["readiness"] = {name: r.get("status") for name, r in rd.items()}
+    print("readiness: " + ", ".join(f"{name} {status}" for name, status in rep["readiness"].items()))
 for e in epochs:
     print(f"  distalex epoch {e['epoch']:.2f}: loss {e.get('loss', float('nan')):.4f}, train acc "
           f"{e.get('train_acc', float('nan')):.4f}, test acc {e['test_acc']:.4f}, "
@@ -180,4 +214,4 @@ if dx and bl:
 (out / "gpu_check.json").write_text(json.dumps(rep, indent=2) + "\n")
 print(f"results: {out}/gpu_check.json")
 EOF
-[ "$DX_RC" -eq 0 ] && [ "$BL_RC" -eq 0 ]
+[ "$RD_RC" -eq 0 ] && [ "$DX_RC" -eq 0 ] && [ "$BL_RC" -eq 0 ]

@@ -19,7 +19,7 @@ from distalex.errors import ConfigError
 
 SPLIT_MODES = ("single", "ddp", "model-parallel", "hybrid")
 DATASETS = ("fashion_mnist", "synthetic", "imagefolder")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
 # YAML 1.1 reads a bare `no` as a boolean; OmegaConf then stores "False".
 _PRECISION_SPELLINGS = {"False": "no", "false": "no", "fp32": "no"}
 SCHEDULES = ("constant", "plateau")
@@ -75,12 +75,21 @@ class TrainConfig:
     # auto | no | bf16 | fp16 (fp16 on GPU only).  "auto": a bf16 or fp16 that
     # `accelerate launch --mixed_precision` chose, else bf16 where the device
     # computes it natively (measured 1.9x on AVX512-BF16 CPUs, same accuracy;
-    # tensor cores on GPUs), else no (fp32).
+    # tensor cores on GPUs from compute capability 8.0), else no (fp32).
+    # Decided by each rank on its own device (distalex/amp.py); the config keeps
+    # "auto" and the run's records (summary.json) name the precision used.
     mixed_precision: str = "auto"
     channels_last: bool = True  # measured 1.16x with bf16 on CPU; a layout change only
     compile: bool = False
-    cudnn_benchmark: bool = True
-    timeout_s: int = 300  # process-group timeout: a dead rank ends the job
+    cudnn_benchmark: bool = True  # ignored (off) when deterministic
+    # Bitwise-reproducible kernels on GPUs: cudnn.benchmark off, deterministic
+    # algorithms only, CUBLAS_WORKSPACE_CONFIG set (distalex/determinism.py).
+    deterministic: bool = False
+    timeout_s: int = 300  # every process group's timeout: a dead or hung rank ends the job
+    # Steps between the all-ranks check for SIGTERM/SIGINT (one small all-reduce
+    # over the gloo control group; across machines a network round trip).  Every
+    # rank checks at the same steps, so the step the run stops at is agreed.
+    stop_check_every: int = 10
     progress: bool = True
 
 
@@ -144,27 +153,12 @@ def load_config(
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
-    cfg.train.mixed_precision = resolve_precision(cfg.train.mixed_precision)
+    cfg.train.mixed_precision = _PRECISION_SPELLINGS.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
     if cfg.model.towers is None:
         cfg.model.towers = 2 if cfg.split_mode == "model-parallel" else 1
     validate(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
-
-
-def resolve_precision(value: str) -> str:
-    """The precision "auto" stands for on this machine (see TrainConfig)."""
-    value = _PRECISION_SPELLINGS.get(value, value)
-    if value != "auto":
-        return value
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher in ("bf16", "fp16"):
-        return launcher
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
 def _is_optional_none(cfg: DictConfig, key: str) -> bool:
@@ -213,6 +207,7 @@ def validate(cfg: DictConfig) -> None:
         f"must be one of {PRECISIONS}, got '{t.mixed_precision}'",
     )
     _require(t.timeout_s >= 1, "train.timeout_s", f"must be >= 1, got {t.timeout_s}")
+    _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
     _require(not t.output_dir == "", "train.output_dir", "must not be empty")
     eb = cfg.eval.batch_size
     _require(eb is None or eb >= 1, "eval.batch_size", f"must be >= 1 or unset, got {eb}")

@@ -89,19 +89,34 @@ class AlexNetSpec:
             )
 
 
+def local_response_norm(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """``torch.nn.functional.local_response_norm`` for NCHW input: x / (k + alpha/size *
+    sum of x^2 over ``size`` neighbouring channels)^beta.  The window sum is ``size``
+    shifted slices added up instead of torch's ``avg_pool3d``, whose CUDA backward has
+    no deterministic kernel (it would refuse to run under train.deterministic)."""
+    c = x.shape[1]
+    padded = torch.nn.functional.pad(x * x, (0, 0, 0, 0, size // 2, (size - 1) // 2))
+    window = padded[:, :c]
+    for i in range(1, size):
+        window = window + padded[:, i : i + c]
+    return x / (window / size * alpha + k).pow(beta)
+
+
 class TowerLRN(nn.Module):
     """LRN applied within each tower's channels only (§3.3, §3.5)."""
 
     def __init__(self, towers: int):
         super().__init__()
         self.towers = towers
-        self.lrn = nn.LocalResponseNorm(LRN_N, alpha=LRN_N * LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
+
+    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
+        return local_response_norm(x, LRN_N, alpha=LRN_N * LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.towers == 1:
-            return self.lrn(x)
+            return self._lrn(x)
         b, c, h, w = x.shape
-        y = self.lrn(x.reshape(b * self.towers, c // self.towers, h, w))
+        y = self._lrn(x.reshape(b * self.towers, c // self.towers, h, w))
         return y.reshape(b, c, h, w)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ of the units); see :mod:`distalex.hybrid`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -23,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distalex import hybrid
+from distalex import determinism, hybrid
+from distalex.amp import resolve_precision
 from distalex.errors import ConfigError
 from distalex.model import AlexNet, AlexNetSpec, init_weights, spec_from_config
 from distalex.towers import CommStats, TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
@@ -44,14 +46,24 @@ class Mesh:
         global_batch: int,
         mixed_precision: str,
         cuda: bool,
+        processes_per_node: int = 1,
+        gpus: int = 0,
         fc_units: int | None = None,
         width: float | None = None,
     ) -> Mesh:
         """Validate the numbers; raise ConfigError showing those that do not add up.
+        ``processes_per_node`` and ``gpus`` (visible on this node) matter on CUDA only;
         ``fc_units`` (at ``model.width`` = ``width``) is checked in hybrid mode."""
         if mixed_precision == "fp16" and not cuda:
             raise ConfigError(
                 "config key 'train.mixed_precision': fp16 needs a CUDA device (none here); use bf16 or no"
+            )
+        if cuda and processes_per_node > gpus:
+            # accelerate would put rank r on cuda:(r % gpus): two ranks on one GPU, which NCCL refuses.
+            raise ConfigError(
+                f"{processes_per_node} processes on this node but {gpus} visible GPU(s): NCCL cannot share "
+                f"a GPU between processes; launch at most {gpus} per node (accelerate launch "
+                f"--num_processes), or run on the CPU with CUDA_VISIBLE_DEVICES=''"
             )
         if split_mode == "single":
             if world_size != 1:
@@ -228,30 +240,43 @@ class Placement:
 
 
 def make_accelerator(cfg, log_with=None, project_dir=None):
-    from accelerate import Accelerator
+    """The process group (every group gets ``train.timeout_s``), this rank's device,
+    then the precision ``auto`` stands for on that device (distalex/amp.py)."""
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import InitProcessGroupKwargs
 
+    determinism.configure(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA starts
     cuda = torch.cuda.is_available()
+    timeout = timedelta(seconds=cfg.train.timeout_s)
+    state = PartialState(cpu=not cuda, timeout=timeout)  # sets this rank's device
     return Accelerator(
         cpu=not cuda,
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=resolve_precision(cfg.train.mixed_precision, state.device),
         log_with=log_with,
         project_dir=project_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
+
+
+def processes_per_node(accelerator) -> int:
+    """Processes of this job on this node (the launcher says; at least this rank's local index + 1)."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "0")), accelerator.local_process_index + 1)
 
 
 def setup(cfg, accelerator) -> Placement:
     world = accelerator.num_processes
     spec = spec_from_config(cfg)
     spec.check()
+    cuda = accelerator.device.type == "cuda"
     mesh = Mesh.plan(
         cfg.split_mode,
         world,
         cfg.model.towers,
         cfg.train.batch_size,
-        cfg.train.mixed_precision,
-        torch.cuda.is_available(),
+        accelerator.mixed_precision,
+        cuda,
+        processes_per_node=processes_per_node(accelerator),
+        gpus=torch.cuda.device_count() if cuda else 0,
         fc_units=spec.fc_units,
         width=cfg.model.width,
     )
@@ -265,25 +290,30 @@ def setup(cfg, accelerator) -> Placement:
         placement.notices.append(
             f"hybrid with 1 process: single-device fallback, the whole model on {accelerator.device}"
         )
-    placement.tower_group, placement.replica_group = process_groups(mesh, accelerator.device.type)
+    timeout = timedelta(seconds=cfg.train.timeout_s)
+    placement.tower_group, placement.replica_group = process_groups(mesh, timeout)
     if mesh.fc_shards > 1:
         # The exchanges get a group of their own, apart from DDP's: each keeps its own order of collectives.
-        placement.shard_group = dist.new_group(list(range(world)), timeout=timedelta(seconds=cfg.train.timeout_s))
+        placement.shard_group = dist.new_group(list(range(world)), timeout=timeout)
     if world > 1:
         cpu = dist.get_backend() == "gloo"
-        placement.control_group = dist.group.WORLD if cpu else dist.new_group(backend="gloo")
+        placement.control_group = dist.group.WORLD if cpu else dist.new_group(backend="gloo", timeout=timeout)
     return placement
 
 
-def process_groups(mesh: Mesh, device_type: str):
-    """(tower group, replica group) of this rank: a DeviceMesh replicas x towers."""
-    if mesh.tower_ranks > 1:
-        from torch.distributed.device_mesh import init_device_mesh
+def process_groups(mesh: Mesh, timeout: timedelta):
+    """(tower group, replica group) of this rank on the mesh replicas x towers.
 
-        device_mesh = init_device_mesh(
-            device_type, (mesh.replicas, mesh.tower_ranks), mesh_dim_names=("replica", "tower")
-        )
-        return device_mesh.get_group("tower"), device_mesh.get_group("replica")
+    Every group gets ``timeout``: a group created without one gets the backend's
+    default (10 min NCCL, 30 min gloo), not the world group's, and a hung (not
+    dead) rank would stall its tower or replica partners that long."""
+    if mesh.tower_ranks > 1:
+        t, r = mesh.tower_ranks, mesh.replicas
+        towers_of_replica = [[rep * t + k for k in range(t)] for rep in range(r)]
+        replicas_of_tower = [[rep * t + k for rep in range(r)] for k in range(t)]
+        tower_group, _ = dist.new_subgroups_by_enumeration(towers_of_replica, timeout=timeout)
+        replica_group, _ = dist.new_subgroups_by_enumeration(replicas_of_tower, timeout=timeout)
+        return tower_group, replica_group
     if mesh.replicas > 1:
         return None, dist.group.WORLD
     return None, None

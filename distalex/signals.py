@@ -1,8 +1,10 @@
 """SIGTERM/SIGINT as a flag the training loop checks between steps.
 
-A preempted job gets SIGTERM: the current step finishes, every rank agrees on
-the stop (:meth:`distalex.parallel.Placement.any_rank`), a checkpoint is
-written and the run exits with 128 + the signal.
+A preempted job gets SIGTERM: training goes on to the next step that is a
+multiple of ``train.stop_check_every``, where every rank asks whether any rank
+was signalled (:meth:`distalex.parallel.Placement.any_rank`; the same steps on
+every rank, so all stop after the same step), a checkpoint is written and the
+run exits with 128 + the signal.
 """
 
 from __future__ import annotations

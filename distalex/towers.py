@@ -47,24 +47,43 @@ class CommStats:
         return sent
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _channels_to_end(x: torch.Tensor) -> torch.Tensor:
+    """NCHW tensor (any strides) -> a contiguous NHWC tensor: free when ``x`` is channels_last."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
 class _GatherChannels(torch.autograd.Function):
     """Forward: concatenate every tower's tensor along dim 1 (tower order).
-    Backward: sum the gradient over towers, return this tower's slice."""
+    Backward: sum the gradient over towers, return this tower's slice.
+
+    Maps arriving in channels_last stay channels_last: they are exchanged as NHWC
+    buffers and concatenated along C (the last dimension there), so conv3 gets
+    channels_last input without a layout conversion on either side of the
+    exchange, and the gradient goes back in the same layout."""
 
     @staticmethod
     def forward(ctx, x, group, towers, tower, stats):
-        x = x.contiguous()
+        ctx.nhwc = _channels_last(x)
+        x = _channels_to_end(x) if ctx.nhwc else x.contiguous()
         parts = [torch.empty_like(x) for _ in range(towers)]
         dist.all_gather(parts, x, group=group)
         ctx.group, ctx.towers, ctx.tower, ctx.stats = group, towers, tower, stats
         stats.count((towers - 1) * x.numel() * x.element_size())
+        if ctx.nhwc:
+            return torch.cat(parts, dim=3).permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
         return torch.cat(parts, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = _channels_to_end(grad) if ctx.nhwc else grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         ctx.stats.count(2 * (ctx.towers - 1) * grad.numel() * grad.element_size() // ctx.towers)
+        if ctx.nhwc:
+            return grad.chunk(ctx.towers, dim=3)[ctx.tower].contiguous().permute(0, 3, 1, 2), None, None, None, None
         return grad.chunk(ctx.towers, dim=1)[ctx.tower].contiguous(), None, None, None, None
 
 

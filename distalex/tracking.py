@@ -55,11 +55,12 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def run_name(cfg, world_size: int, device_name: str) -> str:
+def run_name(cfg, world_size: int, device_name: str, precision: str) -> str:
+    """``precision``: the one the run uses ("auto" resolved)."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
     device = device_name.replace(" ", "-").lower()
-    return f"{cfg.experiment}-{cfg.split_mode}-{world_size}x{device}-{_precision(cfg.train.mixed_precision)}"
+    return f"{cfg.experiment}-{cfg.split_mode}-{world_size}x{device}-{_precision(precision)}"
 
 
 class RunLog:
@@ -100,7 +101,7 @@ class RunLog:
             "group": cfg.tracking.group or cfg.experiment,
             "job_type": cfg.split_mode,
             "dir": str(root),
-            "tags": [cfg.split_mode, _precision(cfg.train.mixed_precision)],
+            "tags": [cfg.split_mode, _precision(run_config.get("mixed_precision"))],
         }
         if not os.environ.get("WANDB_MODE") and not has_wandb_credentials():
             init["mode"] = "offline"  # no account: files under the run dir, `wandb sync` later

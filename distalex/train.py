@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distalex import checkpoint
+from distalex import amp, checkpoint, determinism
 from distalex.config import to_container
 from distalex.data import build_data
 from distalex.errors import Interrupted, NonFiniteLoss
@@ -58,8 +58,6 @@ class Trainer:
         # The raw module lives in self.state.model; DDP wraps it, torch.compile (optionally) the wrapper.
         self.wrapped_model = self.placement.wrap(self.state.model, self.accelerator)
         self.compiled_model = torch.compile(self.wrapped_model) if cfg.train.compile else self.wrapped_model
-        if cfg.train.cudnn_benchmark and self.placement.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
 
         self.steps_per_epoch = self.data.train.batches_per_epoch
         self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
@@ -71,7 +69,7 @@ class Trainer:
         self.log.start_wandb(
             cfg,
             {**self.run_info, "config": to_container(cfg)},
-            run_name(cfg, self.placement.mesh.world_size, self.run_info["device"]),
+            run_name(cfg, self.placement.mesh.world_size, self.run_info["device"], self.run_info["mixed_precision"]),
         )
         self.last_eval: dict = {}
 
@@ -121,7 +119,8 @@ class Trainer:
             "towers": cfg.model.towers,
             "tower_processes": p.mesh.tower_ranks,
             "fc_shards": p.mesh.fc_shards,
-            "mixed_precision": cfg.train.mixed_precision,
+            "mixed_precision": self.accelerator.mixed_precision,  # what "auto" resolved to on this device
+            **determinism.describe(),
             "global_batch": cfg.train.batch_size,
             "device": device,
         }
@@ -151,7 +150,8 @@ class Trainer:
             progress.update(1)
             log_now = pos.step % cfg.log_every == 0
             ckpt_now = bool(cfg.checkpoint_every) and pos.step % cfg.checkpoint_every == 0
-            stop_now = self.placement.any_rank(stop.requested)
+            # Every rank asks at the same steps, so all stop after the same step.
+            stop_now = pos.step % cfg.stop_check_every == 0 and self.placement.any_rank(stop.requested)
             if log_now or ckpt_now or stop_now:
                 meter.stop_clock()
                 if log_now:
@@ -170,7 +170,7 @@ class Trainer:
             logits = self.compiled_model(x)
             loss = F.cross_entropy(logits, y)
         self.accelerator.backward(loss)
-        self.state.optimizer.step()
+        amp.optimizer_step(self.state.optimizer, self.state.scaler)  # fp16: one skip decision for all ranks
         self.state.optimizer.zero_grad(set_to_none=True)
         self.state.meter.update(loss, logits, y, self.state.position.step + 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch
@@ -16,12 +17,14 @@ GLOBAL_BATCH = 8
 
 
 def _placement(rank: int, world: int, towers: int, store_path: str) -> Placement:
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU even where a GPU is visible
+    timeout = timedelta(seconds=120)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=timeout)
     spec = AlexNetSpec(towers=towers, **SPEC)
     mesh = Mesh.plan("hybrid", world, towers, GLOBAL_BATCH, "no", cuda=False, fc_units=spec.fc_units)
     placement = Placement("hybrid", mesh, rank, torch.device("cpu"), spec)
-    placement.tower_group, placement.replica_group = process_groups(mesh, "cpu")
-    placement.shard_group = dist.new_group(list(range(world)), timeout=timedelta(seconds=120))
+    placement.tower_group, placement.replica_group = process_groups(mesh, timeout)
+    placement.shard_group = dist.new_group(list(range(world)), timeout=timeout)
     return placement
 
 

@@ -10,8 +10,8 @@ from distalex.towers import exchange_bytes_per_step, shard_state_dict
 import tower_workers as w
 
 
-def spawn(fn, world, towers, tmp_path):
-    mp.spawn(fn, args=(world, towers, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+def spawn(fn, world, towers, tmp_path, *extra):
+    mp.spawn(fn, args=(world, towers, str(tmp_path / "store"), str(tmp_path), *extra), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -19,9 +19,14 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize(("world", "towers"), [(2, 2), (4, 2), (4, 4)])
-def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers):
-    results = spawn(w.exactness, world, towers, tmp_path)
+@pytest.mark.parametrize(
+    ("world", "towers", "channels_last"), [(2, 2, False), (4, 2, False), (4, 4, False), (2, 2, True)]
+)
+def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers, channels_last):
+    results = spawn(w.exactness, world, towers, tmp_path, channels_last)
+    # The exchange keeps the memory format it is given, forward and backward.
+    for res in results:
+        assert res["layouts"] == {"conv3_input": channels_last, "pool2_grad": channels_last}
     ref = w.reference(towers)
     x, y = w.batch()
     logits = ref(x)
@@ -60,3 +65,24 @@ def test_towers_differ_replicas_agree(tmp_path):
         expected = shard_state_dict(ref.state_dict(), tower, 2)
         for name, value in expected.items():
             assert rel_err(results[tower][name], value) <= 1e-5, name
+
+
+def test_fp16_overflow_on_one_tower_skips_the_step_on_every_rank(tmp_path):
+    """2 replicas x 2 towers; rank 3's gradients overflow (after DDP), no other rank's do.
+    Every rank must skip step 1 and halve its scale (one scale for the whole job), and
+    step 2 must equal the reference's first step: no gradient summed across towers
+    at different scales."""
+    results = spawn(w.fp16_overflow_on_one_rank, 4, 2, tmp_path)
+    ref = w.reference(2)
+    initial = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    for rank, res in enumerate(results):
+        assert res["scales"] == [1024.0, 512.0, 512.0], (rank, res["scales"])
+        skipped = res["weights"][0]
+        assert all(torch.equal(skipped[k], initial[k]) for k in initial), f"rank {rank} stepped on an overflow"
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    x, y = w.batch(seed=11)
+    F.cross_entropy(ref(x), y).backward()
+    opt.step()
+    for rank, res in enumerate(results):
+        for name, value in ref.state_dict().items():
+            assert rel_err(res["weights"][1][name], value) <= 1e-5, (rank, name)

@@ -1,6 +1,7 @@
 """Guarantees 5 and 6: exact resume after SIGKILL, atomic checkpoints, graceful
 SIGTERM, the NaN guard, and a dead rank ending the job (real subprocesses)."""
 
+import json
 import os
 import re
 import signal
@@ -197,3 +198,120 @@ def test_dead_rank_ends_the_job_within_timeout(tmp_path):
         assert not _worker_pids(tmp_path, 0), "rank 0 must not outlive the job"
     finally:
         kill_job(proc, tmp_path, signal.SIGKILL)
+
+
+HUNG_MARGIN_S = 60  # the launcher's 30 s SIGTERM grace before SIGKILL (a stopped rank ignores SIGTERM), start-up
+
+
+def test_hung_rank_in_a_2x2_mesh_ends_the_job_within_timeout(tmp_path):
+    """A rank that hangs (SIGSTOP: alive, sockets open) in a 2 replicas x 2 towers run.  Its
+    tower partner waits in a tower exchange, the other tower's replicas in DDP's all-reduce:
+    only the tower and replica groups' own timeouts can end the job, so they must be
+    train.timeout_s, not the backend's 30 min.  The stop-flag check (world group) is made
+    rare so that no rank is rescued by the world group's timeout."""
+    timeout_s = 20
+    proc = start(
+        4,
+        *QUICK,
+        "--split-mode",
+        "model-parallel",
+        "train.max_steps=100000",
+        "train.log_every=1",
+        "train.stop_check_every=100000",
+        f"train.timeout_s={timeout_s}",
+        f"train.output_dir={tmp_path}",
+    )
+    try:
+        wait_for_step(proc, tmp_path, 3)
+        victims = _worker_pids(tmp_path, 3)
+        assert len(victims) == 1
+        stopped_at = time.time()
+        os.kill(victims[0], signal.SIGSTOP)
+        proc.communicate(timeout=timeout_s + HUNG_MARGIN_S)
+        assert proc.returncode != 0
+        assert time.time() - stopped_at <= timeout_s + HUNG_MARGIN_S
+        assert not any(_worker_pids(tmp_path, r) for r in range(4)), "no rank may outlive the job"
+    finally:
+        kill_job(proc, tmp_path, signal.SIGKILL)  # SIGKILL ends a stopped process too
+
+
+def test_sigterm_stops_every_rank_at_an_agreed_check_step_and_resumes_exactly(tmp_path):
+    """The stop flag is checked every train.stop_check_every steps, at the same steps on every
+    rank: the stop happens after such a step, with a checkpoint that every rank took part in,
+    and the resumed run ends with the uninterrupted run's weights and losses."""
+    every = 3
+    args = [*RESUMABLE, *SPLIT_MODES["model-parallel"][1], "train.checkpoint_every=1000"]
+    args.append(f"train.stop_check_every={every}")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_cli(*args, f"train.output_dir={straight}", nprocs=2)
+    proc = start(2, *args, f"train.output_dir={stopped}")
+    wait_for_step(proc, stopped, 4)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    at = read(latest_checkpoint(stopped))["position"]["step"]
+    assert at % every == 0 and 4 <= at < STEPS, at
+    run_cli(*args, "train.resume=auto", f"train.output_dir={stopped}", nprocs=2)
+    a, b = final_weights(straight), final_weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert step_losses(stopped) == step_losses(straight)
+
+
+def device_env(device: str) -> dict:
+    """cpu: the suite's pinned environment; cuda: the same with the GPU left visible."""
+    env = cli_env()
+    if device == "cuda":
+        env.pop("CUDA_VISIBLE_DEVICES")
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
+    return env
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_deterministic_resume_from_a_middle_checkpoint_is_bitwise_equal(tmp_path, device):
+    """train.deterministic=true (with LRN, the op whose torch kernel has no deterministic
+    CUDA backward): a run resumed from a checkpoint in the middle of an uninterrupted run
+    ends with exactly its weights.  The resumed copy is the run dir as a kill right after
+    that checkpoint leaves it (later checkpoints gone, metrics rows trimmed on resume)."""
+    import shutil
+
+    args = [*RESUMABLE, "train.deterministic=true", "model.lrn=true", "train.keep_checkpoints=100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    env = device_env(device)
+    proc = subprocess.run(
+        launch_cmd(1, *args, f"train.output_dir={straight}"), capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((straight / "summary.json").read_text())
+    assert (s["deterministic"], s["cudnn_benchmark"]) == (True, False)
+    assert (s["device"] == "cpu") == (device == "cpu")
+    shutil.copytree(straight, resumed)
+    middle = 6
+    for path in list_checkpoints(str(resumed)):
+        if read(path)["position"]["step"] > middle:
+            path.unlink()
+    (resumed / "summary.json").unlink()
+    assert read(latest_checkpoint(resumed))["position"]["step"] == middle
+    proc = subprocess.run(
+        launch_cmd(1, *args, "train.resume=auto", f"train.output_dir={resumed}"),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = final_weights(straight), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert step_losses(resumed) == step_losses(straight)

@@ -11,8 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
-from distalex.config import resolve_precision
+from distalex.amp import resolve_precision
 
 from helpers import ROOT, TINY, TRAIN, cli_env, metrics, png_size, summary
 
@@ -169,7 +170,7 @@ def test_offline_wandb_run_has_run_facts_config_and_final_summary(offline_run):
     assert list((tmp / "cwd").iterdir()) == []  # nothing in the working directory
     run = read_offline_run(runs[0])
 
-    precision = resolve_precision("auto")  # the default: bf16 where the CPU has it
+    precision = resolve_precision("auto", torch.device("cpu"))  # the default: bf16 where the CPU has it
     assert run["run"]["name"] == f"tiny-single-1xcpu-{'fp32' if precision == 'no' else precision}"
     assert (run["run"]["group"], run["run"]["job_type"], run["run"]["project"]) == ("tiny", "single", "distalex")
     config = run["config"]

@@ -200,7 +200,7 @@ def test_runlog_wandb_init_arguments(tmp_path, monkeypatch):
     acc = FakeAccelerator()
     c = cfg("split_mode=ddp", "tracking.project=proj", "train.mixed_precision=no")
     log = RunLog(tmp_path / "run", True, acc)
-    log.start_wandb(c, {"split_mode": "ddp"}, run_name(c, 4, "NVIDIA H100 80GB HBM3"))
+    log.start_wandb(c, {"split_mode": "ddp"}, run_name(c, 4, "NVIDIA H100 80GB HBM3", "no"))
     ((project, config, init),) = acc.inits
     assert project == "proj" and config == {"split_mode": "ddp"}
     w = init["wandb"]
@@ -213,7 +213,7 @@ def test_runlog_wandb_init_arguments(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "online")
     acc = FakeAccelerator()
     c = cfg("tracking.group=g", "tracking.run_name=r")
-    RunLog(tmp_path / "run2", True, acc).start_wandb(c, {}, run_name(c, 1, "cpu"))
+    RunLog(tmp_path / "run2", True, acc).start_wandb(c, {}, run_name(c, 1, "cpu", "bf16"))
     w = acc.inits[0][2]["wandb"]
     assert (w["name"], w["group"], w["dir"]) == ("r", "g", str(tmp_path / "wd")) and "mode" not in w
 
