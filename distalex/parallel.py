@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distalex.elastic import init_for_restarts
 from distalex.errors import ConfigError
 from distalex.model import AlexNet, AlexNetSpec, init_weights, spec_from_config
 from distalex.towers import CommStats, TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
@@ -180,6 +181,7 @@ def make_accelerator(cfg, log_with=None, project_dir=None):
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
+    init_for_restarts(timedelta(seconds=cfg.train.timeout_s), cuda)
     return Accelerator(
         cpu=not cuda,
         mixed_precision=cfg.train.mixed_precision,
