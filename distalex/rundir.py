@@ -33,12 +33,12 @@ LOCK_NAME = ".lock"
 
 class RunDirLock:
     """An exclusive flock on ``<dir>/.lock``; ``release()`` removes the file (and the
-    dir when this run created it and left it empty: a refused run leaves nothing)."""
+    folders this run created, if it left them empty: a refused run leaves nothing)."""
 
-    def __init__(self, directory: Path, fd: int | None, created_dir: bool):
+    def __init__(self, directory: Path, fd: int | None, created: tuple = ()):
         self.directory = directory
         self.fd = fd
-        self.created_dir = created_dir
+        self.created = created  # the folders this run made, innermost first
 
     @property
     def path(self) -> Path:
@@ -53,18 +53,18 @@ class RunDirLock:
             pass
         os.close(self.fd)
         self.fd = None
-        if self.created_dir:
-            try:
-                self.directory.rmdir()  # only if empty
-            except OSError:
-                pass
+        _remove_empty(self.created)
 
 
-def _usable_dir(out: Path) -> bool:
-    """Create ``out`` if needed; return whether this call created it.  RunDirError if unusable."""
+def _usable_dir(out: Path) -> tuple:
+    """Create ``out`` if needed; return the folders this call created.  RunDirError if unusable."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"train.output_dir '{out}' is a file, not a directory")
-    created = not out.exists()
+    created = []
+    for d in (out, *out.absolute().parents):
+        if d.exists():
+            break
+        created.append(d)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -77,7 +77,7 @@ def _usable_dir(out: Path) -> bool:
                 f"train.output_dir '{out}': '{name}' is a {'file' if name == 'checkpoints' else 'directory'}, "
                 f"where the run keeps its {'checkpoints folder' if name == 'checkpoints' else 'records file'}"
             )
-    return created
+    return tuple(created)
 
 
 def _holder(path: Path) -> str:
@@ -88,7 +88,7 @@ def _holder(path: Path) -> str:
     return text.splitlines()[0][:200] if text else "holder unknown"
 
 
-def _lock(out: Path, created: bool) -> RunDirLock:
+def _lock(out: Path, created: tuple) -> RunDirLock:
     """Take the lock.  The holder unlinks the file before it lets go, so a run that opened
     the old file and gets its lock after the unlink finds the path no longer names its file
     and tries again on the new one: two runs can never both hold ``.lock``."""
@@ -97,8 +97,7 @@ def _lock(out: Path, created: bool) -> RunDirLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            if created:
-                _remove_empty(out)
+            _remove_empty(created)
             raise RunDirError(f"train.output_dir '{out}' is not writable ({describe(exc)})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -129,17 +128,19 @@ def _lock(out: Path, created: bool) -> RunDirLock:
     raise RunDirError(f"train.output_dir '{out}': could not lock {path} (it keeps being replaced)")
 
 
-def _remove_empty(out: Path) -> None:
-    try:
-        out.rmdir()
-    except OSError:
-        pass
+def _remove_empty(folders) -> None:
+    """Remove ``folders`` (innermost first) while they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def claim_output_dir(cfg, placement) -> RunDirLock:
     """Usable, locked, free of stale temporary files -- or RunDirError on every rank."""
     out = Path(cfg.train.output_dir)
-    lock, failure = RunDirLock(out, None, False), None
+    lock, failure = RunDirLock(out, None), None
     if placement.is_main:
         try:
             lock = _lock(out, _usable_dir(out))

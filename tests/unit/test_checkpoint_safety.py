@@ -215,7 +215,7 @@ def cfg_for(out):
 
 
 def test_lock_is_exclusive_names_holder_and_is_released(tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "run"
     first = claim_output_dir(cfg_for(out), main_process())
     holder = (out / LOCK_NAME).read_text()
     assert f"pid {os.getpid()}" in holder
@@ -224,7 +224,7 @@ def test_lock_is_exclusive_names_holder_and_is_released(tmp_path):
     msg = str(info.value)
     assert "in use by another run" in msg and f"pid {os.getpid()}" in msg and os.uname().nodename in msg
     first.release()
-    assert not out.exists(), "a run that wrote nothing leaves nothing behind"
+    assert not (tmp_path / "runs").exists(), "a run that wrote nothing leaves nothing behind"
     again = claim_output_dir(cfg_for(out), main_process())
     again.release()
 
