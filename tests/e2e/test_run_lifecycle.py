@@ -301,7 +301,7 @@ def test_two_runs_into_one_dir(tmp_path):
     """Started together, one run gets the dir, the other exits 2 naming the holder; the
     winner's records are its own (every step once); the lock goes when the winner ends."""
     out = tmp_path / "run"
-    args = [*QUICK, "train.max_steps=100000", "train.log_every=1", f"train.output_dir={out}"]
+    args = [*QUICK, "train.epochs=1000", "train.log_every=1", f"train.output_dir={out}"]  # runs until stopped
     a, b = start_cli(1, *args), start_cli(1, *args)
     try:
         deadline = time.time() + 240
@@ -317,6 +317,7 @@ def test_two_runs_into_one_dir(tmp_path):
         )
         wait_for_step(winner, out, 3)
         for extra in ("train.resume=auto", "train.overwrite=true"):  # neither may take it over
+            assert winner.poll() is None
             assert_bad_input(run_cli(*args, extra, check=False), "in use by another run", f"pid {winner.pid}")
         assert winner.poll() is None
         winner.send_signal(signal.SIGTERM)
