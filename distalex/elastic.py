@@ -30,7 +30,7 @@ def init_for_restarts(timeout: timedelta, cuda: bool) -> bool:
         return False
     world_size = int(env["WORLD_SIZE"])
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
-    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = restart_count()
     dist.init_process_group(
         backend="nccl" if cuda and torch.cuda.is_available() else "gloo",
         store=dist.PrefixStore(f"/worker/attempt_{attempt}", store),
@@ -39,3 +39,8 @@ def init_for_restarts(timeout: timedelta, cuda: bool) -> bool:
         timeout=timeout,
     )
     return True
+
+
+def restart_count() -> int:
+    """How many times the launcher has restarted the workers (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)

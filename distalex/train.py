@@ -14,7 +14,6 @@ a checkpoint.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from distalex import checkpoint
 from distalex.config import to_container
 from distalex.data import build_data
+from distalex.elastic import restart_count
 from distalex.errors import Interrupted, NonFiniteLoss
 from distalex.evaluate import evaluate_accuracy
 from distalex.meters import TrainMeter
@@ -128,11 +128,10 @@ class Trainer:
         same = checkpoint.restore(saved, self.placement, self.state)
         self.last_eval = dict(saved.get("last_eval") or {})
         p = self.state.position
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.accelerator.print(
             f"distalex: resumed from {path} at step {p.step} (epoch {p.epoch}, batch {p.batch})"
             + ("" if same else "; placement changed, RNG streams start afresh")
-            + ("" if restart == "0" else f"; launcher restart {restart}")
+            + (f"; launcher restart {restart_count()}" if restart_count() else "")
         )
 
     def _run_info(self) -> dict:
