@@ -81,10 +81,16 @@ def _usable_dir(out: Path) -> tuple:
 
 
 def _holder(path: Path) -> str:
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        text = ""
+    """Who holds the lock, from the lock file (which it writes just after taking the lock)."""
+    text = ""
+    for _ in range(20):
+        try:
+            text = path.read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        if text:
+            break
+        time.sleep(0.05)
     return text.splitlines()[0][:200] if text else "holder unknown"
 
 
