@@ -1,11 +1,20 @@
-"""Checkpoints: portable between placements, written atomically, pruned to the last K.
+"""Checkpoints: portable between placements, written atomically, pruned to the
+last K, and loaded without ever running code from the file.
 
 A checkpoint holds the *reference model's* tensors (towers gathered back into
 the full layers), the optimizer's per-parameter state keyed by reference
 parameter name, the LR schedule, mixed-precision scaler, every rank's RNG
-state, the data position (epoch, next batch), the meter and totals, and the
-config.  So it loads into any placement and into the plain reference model
-(docs/design.md, "Checkpoints").
+state, the data position (epoch, next batch), the meter and totals, the last
+evaluation row and the config.  So it loads into any placement and into the
+plain reference model (docs/design.md, "Checkpoints").
+
+Format: one safetensors file, ``checkpoints/step_<9 digits>.safetensors``.
+The tensors are its tensors (``model/<name>``, ``momentum/<name>``,
+``rng/<rank>/<kind>``); everything else is one JSON document in its metadata
+(key ``distalex``).  Neither safetensors nor JSON can execute code, and every
+field read back is checked before use, so a crafted file is refused with one
+line (exit 2).  The pickle-based ``step_*.pt`` files of earlier versions are
+not loaded at all: unpickling can run code (the refusal says so).
 
 Writing: rank 0 writes the file with :func:`distalex.io.atomic_write`.  A crash
 at any moment leaves either the old set of files or the new complete one -
@@ -15,6 +24,7 @@ never a half file under a final name.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -22,14 +32,35 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distalex.errors import CheckpointError
-from distalex.io import atomic_write
+from distalex.config import STEP_KEYS
+from distalex.errors import CheckpointError, RunFailure, WriteError
+from distalex.io import atomic_write, ensure_dir
+from distalex.schedule import LRSchedule
 from distalex.state import Position, Totals, TrainingState
 
-FORMAT = 1
-NAME = re.compile(r"^step_(\d{9})\.pt$")
+FORMAT = 2
+SUFFIX = ".safetensors"
+NAME = re.compile(r"^step_(\d{9})\.safetensors$")
+LEGACY_NAME = re.compile(r"^step_(\d{9})\.pt$")
+META_KEY = "distalex"
+TENSOR_GROUPS = ("model", "momentum")
 # Spec fields that change the parameters' shapes or meaning; dropout does not.
 ARCH_FIELDS = ("in_channels", "num_classes", "width", "towers", "lrn", "conv1_padding", "image_size")
+# What a checkpoint's JSON must hold, and of which type (checked before anything uses it).
+_FIELDS = {
+    "format": int,
+    "spec": dict,
+    "schedule": dict,
+    "position": dict,
+    "stats": dict,
+    "config": dict,
+    "placement": dict,
+    "rng_ranks": int,
+}
+_PICKLE_HINT = (
+    "; it is a pickle (.pt) file, which distalex does not load because unpickling can run code in it "
+    "(checkpoints are .safetensors files now)"
+)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -47,18 +78,64 @@ def list_checkpoints(output_dir: str):
     return sorted(p for p in d.iterdir() if NAME.match(p.name))
 
 
-def resolve(resume: str | None, output_dir: str) -> Path | None:
+def kept(output_dir: str) -> str:
+    """What a failed run leaves to continue from, in one sentence."""
+    found = list_checkpoints(output_dir)
+    if found:
+        return f"The newest checkpoint, {found[-1]}, is kept."
+    return f"No checkpoint was written yet (nothing in {checkpoint_dir(output_dir)} to resume from)."
+
+
+def _legacy_checkpoints(output_dir: str):
+    d = checkpoint_dir(output_dir)
+    return sorted(p for p in d.iterdir() if LEGACY_NAME.match(p.name)) if d.is_dir() else []
+
+
+def resolve(resume: str | None, output_dir: str, warn=print) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its contents (read and checked), or (None, None).
+
+    ``train.resume=PATH``: that file, or exit 2.  ``train.resume=auto``: the newest
+    *readable* checkpoint of the output dir; an unreadable newer one is skipped
+    with a one-line ``warn`` naming it (it is left where it is)."""
     if resume is None:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_file():
-        raise CheckpointError(f"train.resume: checkpoint '{resume}' does not exist")
-    return path
+        return None, None
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir():
+            raise CheckpointError(
+                f"train.resume: '{resume}' is a directory, not a checkpoint file; pass a file from its "
+                f"checkpoints/ folder, or train.resume=auto with train.output_dir set to that run's folder"
+            )
+        if not path.is_file():
+            raise CheckpointError(f"train.resume: checkpoint '{resume}' does not exist")
+        return path, read(path)
+    found = list_checkpoints(output_dir)
+    if not found:
+        legacy = _legacy_checkpoints(output_dir)
+        if legacy:
+            raise CheckpointError(
+                f"train.resume=auto: {checkpoint_dir(output_dir)} holds only pickle checkpoints "
+                f"({legacy[-1].name}, ...) of an earlier distalex, which are not loaded because unpickling "
+                f"can run code; start afresh with train.overwrite=true"
+            )
+        return None, None
+    skipped = []
+    for path in reversed(found):
+        try:
+            saved = read(path)
+        except CheckpointError as exc:
+            skipped.append(exc)
+            continue
+        for exc in skipped:
+            warn(f"warning: {exc}; skipped (left in place), resuming from {path.name}")
+        return path, saved
+    raise CheckpointError(
+        f"train.resume=auto: none of the {len(found)} checkpoints in {checkpoint_dir(output_dir)} can be "
+        f"read (newest: {skipped[0]})"
+    )
 
 
+# -- building the state to save --------------------------------------------------------
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -89,8 +166,11 @@ def momentum_buffers(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
     return buffers
 
 
-def build_state(placement, state: TrainingState, config: dict) -> dict:
-    """Collective: every rank calls it; the returned dict is complete on rank 0."""
+def build_state(placement, state: TrainingState, config: dict, last_eval: dict | None = None) -> dict:
+    """Collective: every rank calls it; the returned dict is complete on rank 0.
+
+    ``last_eval``: the newest evaluation row (the finished epoch's figures), so a
+    run resumed after its last step reports what the uninterrupted run would."""
     tensors = placement.full_tensors(dict(state.model.state_dict()))
     momentum = placement.full_tensors(momentum_buffers(state.model, state.optimizer))
     rng = _all_ranks(_rng_state(placement.device), placement.mesh.world_size)
@@ -105,6 +185,7 @@ def build_state(placement, state: TrainingState, config: dict) -> dict:
         "rng": rng,
         "position": dataclasses.asdict(state.position),
         "stats": {"meter": state.meter.state_dict(), "totals": totals},
+        "last_eval": dict(last_eval or {}),
         "config": config,
         "placement": {
             "split_mode": placement.split_mode,
@@ -115,37 +196,146 @@ def build_state(placement, state: TrainingState, config: dict) -> dict:
     }
 
 
+# -- the file format -------------------------------------------------------------------
+def encode(saved: dict) -> bytes:
+    """A state dict (as :func:`build_state` returns it) as the bytes of a safetensors file."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for group in TENSOR_GROUPS:
+        for name, t in saved[group].items():
+            tensors[f"{group}/{name}"] = t.detach().cpu().contiguous()
+    for rank, states in enumerate(saved["rng"]):
+        for kind, t in states.items():
+            tensors[f"rng/{rank}/{kind}"] = t.detach().cpu().contiguous()
+    info = {k: v for k, v in saved.items() if k not in (*TENSOR_GROUPS, "rng")}
+    info["rng_ranks"] = len(saved["rng"])
+    return save(tensors, metadata={META_KEY: json.dumps(info, sort_keys=True)})
+
+
+def _refuse(path, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint '{path}' is not a distalex checkpoint ({why})")
+
+
+def decode(meta: dict | None, tensors: dict[str, torch.Tensor], path) -> dict:
+    """The state dict of a checkpoint from its metadata and tensors; every field checked."""
+    if not meta or META_KEY not in meta:
+        raise _refuse(path, "no distalex metadata")
+    try:
+        info = json.loads(meta[META_KEY])
+    except (ValueError, RecursionError):
+        raise _refuse(path, "its metadata is not JSON") from None
+    if not isinstance(info, dict):
+        raise _refuse(path, "its metadata is not a JSON object")
+    if info.get("format") != FORMAT:
+        raise _refuse(path, f"format {info.get('format')!r}, expected {FORMAT}")
+    for key, kind in _FIELDS.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool) and kind is int:
+            raise _refuse(path, f"field '{key}' is missing or not a {kind.__name__}")
+    _check_numbers(info["position"], _names(Position), int, path, "position")
+    _check_numbers(info["stats"].get("totals"), _names(Totals), (int, float), path, "stats.totals")
+    progress = {k: info["schedule"].get(k) for k in LRSchedule.PROGRESS}
+    _check_numbers(progress, set(LRSchedule.PROGRESS), (int, float), path, "schedule")
+    if not isinstance(info["stats"].get("meter"), dict):
+        raise _refuse(path, "field 'stats.meter' is missing")
+    last_eval = info.get("last_eval", {})
+    if not isinstance(last_eval, dict):
+        raise _refuse(path, "field 'last_eval' is not an object")
+    groups: dict[str, dict] = {g: {} for g in TENSOR_GROUPS}
+    rng: list[dict] = [{} for _ in range(max(0, min(info["rng_ranks"], 1 << 16)))]
+    for key, t in tensors.items():
+        head, _, rest = key.partition("/")
+        if head in groups and rest:
+            groups[head][rest] = t
+        elif head == "rng" and rest.count("/") == 1 and rest.split("/")[0].isdigit():
+            rank, kind = rest.split("/")
+            if int(rank) >= len(rng):
+                raise _refuse(path, f"tensor '{key}' names rank {rank} of {len(rng)}")
+            rng[int(rank)][kind] = t
+        else:
+            raise _refuse(path, f"unexpected tensor '{key}'")
+    if not groups["model"]:
+        raise _refuse(path, "no model tensors")
+    if any("cpu" not in r or r["cpu"].dtype != torch.uint8 for r in rng):
+        raise _refuse(path, "an RNG state is missing or malformed")
+    return {**info, **groups, "rng": rng, "last_eval": last_eval}
+
+
+def _names(cls) -> set:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_numbers(obj, names: set, types, path, where: str) -> None:
+    if not isinstance(obj, dict) or set(obj) != names:
+        raise _refuse(path, f"field '{where}' must hold exactly {sorted(names)}")
+    if any(isinstance(v, bool) or not isinstance(v, types) or v < 0 for v in obj.values()):
+        raise _refuse(path, f"field '{where}' holds a value that is not a number >= 0")
+
+
 def write(saved: dict, output_dir: str, step: int, keep: int) -> Path:
-    """Write one checkpoint atomically and prune to the newest ``keep``."""
+    """Write one checkpoint atomically and prune to the newest ``keep``.  A failed write
+    (a full disk, say) removes its temporary file, prunes nothing and raises a one-line
+    :class:`WriteError` (exit 1)."""
     directory = checkpoint_dir(output_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = atomic_write(directory / f"step_{step:09d}.pt", lambda fh: torch.save(saved, fh))
+    data = encode(saved)
+    try:
+        ensure_dir(directory)
+        final = atomic_write(directory / f"step_{step:09d}{SUFFIX}", data)
+    except WriteError as exc:
+        raise WriteError(
+            f"{exc}; the run stopped at step {step}. {kept(output_dir)} Free space, then train.resume=auto continues."
+        ) from None
     for old in list_checkpoints(output_dir)[:-keep]:
         old.unlink()
     return final
 
 
-def save(placement, state: TrainingState, config: dict, output_dir: str, keep: int) -> Path | None:
-    """Collective: gather the state on rank 0, which writes it; every rank returns after the write."""
-    saved = build_state(placement, state, config)
-    path = write(saved, output_dir, state.position.step, keep) if placement.is_main else None
-    placement.barrier()
+def save(placement, state: TrainingState, config: dict, output_dir: str, keep: int, last_eval=None) -> Path | None:
+    """Collective: gather the state on rank 0, which writes it; every rank returns after the
+    write, or raises when it failed (so no rank waits for a write that will never come)."""
+    saved = build_state(placement, state, config, last_eval)
+    path, failure = None, None
+    if placement.is_main:
+        try:
+            path = write(saved, output_dir, state.position.step, keep)
+        except RunFailure as exc:
+            failure = exc
+    if placement.any_rank(failure is not None):
+        raise failure or RunFailure("the checkpoint write failed on the main process")
     return path
 
 
-def read(path: Path) -> dict:
+def read(path) -> dict:
+    """A checkpoint's contents; a file that is not a readable distalex checkpoint: one-line
+    :class:`CheckpointError` (exit 2).  Nothing in the file is executed."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a directory, not a checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated, not a torch file, unpickling error ...
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # truncated, not safetensors, a pickle, unreadable ...
         raise CheckpointError(
             f"checkpoint '{path}' cannot be read ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})"
+            f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'}){_pickle_hint(path)}"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
-        raise CheckpointError(f"checkpoint '{path}' is not a distalex checkpoint (format {FORMAT})")
-    return state
+    return decode(meta, tensors, path)
 
 
+def _pickle_hint(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return ""
+    pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    return _PICKLE_HINT if pickled or head == b"PK\x03\x04" else ""
+
+
+# -- checks and restore ----------------------------------------------------------------
 def check_architecture(state: dict, spec, path) -> None:
     saved = state["spec"]
     here = dataclasses.asdict(spec)
@@ -154,12 +344,52 @@ def check_architecture(state: dict, spec, path) -> None:
         raise CheckpointError(f"checkpoint '{path}' is for a different network ({'; '.join(diffs)})")
 
 
+def _lookup(config: dict, key: str):
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_same_steps(state: dict, config: dict, allowed, path) -> None:
+    """Refuse a resume whose config changes what a step is (the batch, the data, the seed):
+    the saved data position would then point at other examples.  ``allowed``: keys the user
+    says may change (``train.resume_allow_changes``)."""
+    saved = state["config"]
+    diffs = [
+        f"{k}={_lookup(saved, k)!r} in the checkpoint, {_lookup(config, k)!r} now"
+        for k in STEP_KEYS
+        if k not in allowed and _lookup(saved, k) != _lookup(config, k)
+    ]
+    if diffs:
+        keys = ",".join(d.split("=")[0] for d in diffs)
+        raise CheckpointError(
+            f"train.resume: checkpoint '{path}' was trained with other data or batches ({'; '.join(diffs)}); "
+            f"resume with the same values, or pass train.resume_allow_changes=[{keys}] if the change is intended"
+        )
+
+
 def restore(saved: dict, placement, state: TrainingState) -> bool:
     """Load a checkpoint into this placement's state (resharding as needed).  Returns
-    True when every rank's RNG state was restored (same placement), False otherwise."""
+    True when every rank's RNG state was restored (same placement), False otherwise.
+    A checkpoint whose contents do not fit this run: :class:`CheckpointError`."""
+    try:
+        return _restore(saved, placement, state)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # shapes, names or values that do not fit
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"checkpoint does not fit this run ({type(exc).__name__}: {msg})") from None
+
+
+def _restore(saved: dict, placement, state: TrainingState) -> bool:
     state.model.load_state_dict(placement.local_tensors(saved["model"]))
     params = dict(state.model.named_parameters())
     for name, buf in placement.local_tensors(saved["momentum"]).items():
+        if name not in params or buf.shape != params[name].shape:
+            raise CheckpointError(f"checkpoint momentum '{name}' does not fit the model")
         state.optimizer.state[params[name]]["momentum_buffer"] = buf.to(params[name].device).clone()
     state.schedule.load_state_dict(saved["schedule"])
     state.schedule.apply(state.optimizer)
@@ -169,8 +399,9 @@ def restore(saved: dict, placement, state: TrainingState) -> bool:
     state.totals = Totals(**saved["stats"]["totals"])
     state.meter.load_state_dict(saved["stats"]["meter"])
     same = (
-        saved["placement"]["world_size"] == placement.mesh.world_size
-        and saved["placement"]["split_mode"] == placement.split_mode
+        saved["placement"].get("world_size") == placement.mesh.world_size
+        and saved["placement"].get("split_mode") == placement.split_mode
+        and len(saved["rng"]) == placement.mesh.world_size
     )
     if same:
         _set_rng_state(saved["rng"][placement.rank], placement.device)
@@ -178,10 +409,20 @@ def restore(saved: dict, placement, state: TrainingState) -> bool:
 
 
 def load_reference(path: str) -> nn.Module:
-    """The plain reference model from any placement's checkpoint."""
+    """The plain reference model from any placement's checkpoint.  The network is first
+    built without memory and compared with the file's tensors, so a crafted spec cannot
+    make it allocate more than the file holds."""
     from distalex.model import AlexNet, AlexNetSpec
 
     state = read(Path(path))
-    model = AlexNet(AlexNetSpec(**state["spec"]))
+    try:
+        spec = AlexNetSpec(**state["spec"])
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in AlexNet(spec).state_dict().items()}
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint '{path}' holds an unusable network spec ({type(exc).__name__})") from None
+    if shapes != {k: tuple(v.shape) for k, v in state["model"].items()}:
+        raise CheckpointError(f"checkpoint '{path}': its tensors do not match its network spec")
+    model = AlexNet(spec)
     model.load_state_dict(state["model"])
     return model

@@ -24,6 +24,20 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 _PRECISION_SPELLINGS = {"False": "no", "false": "no", "fp32": "no"}
 SCHEDULES = ("constant", "plateau")
 INITS = ("xavier", "paper")
+# Keys that decide which examples a step trains on: a resume that changes one would
+# continue at a data position that means something else (refused unless listed in
+# train.resume_allow_changes).  data.image_size is checked with the network.
+STEP_KEYS = (
+    "train.batch_size",
+    "train.seed",
+    "data.name",
+    "data.root",
+    "data.train_limit",
+    "data.test_limit",
+    "data.synthetic_train_size",
+    "data.synthetic_test_size",
+    "data.resize_size",
+)
 
 
 @dataclass
@@ -71,6 +85,8 @@ class TrainConfig:
     checkpoint_every: Optional[int] = None  # steps; a checkpoint is also written every epoch
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # "auto" or a checkpoint path
+    # Keys of STEP_KEYS that may differ from the checkpoint's on resume, e.g. [train.batch_size].
+    resume_allow_changes: List[str] = field(default_factory=list)
     overwrite: bool = False
     # auto | no | bf16 | fp16 (fp16 on GPU only).  "auto": a bf16 or fp16 that
     # `accelerate launch --mixed_precision` chose, else bf16 where the device
@@ -209,6 +225,8 @@ def validate(cfg: DictConfig) -> None:
     _require(t.timeout_s >= 1, "train.timeout_s", f"must be >= 1, got {t.timeout_s}")
     _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
     _require(not t.output_dir == "", "train.output_dir", "must not be empty")
+    for key in t.resume_allow_changes:
+        _require(key in STEP_KEYS, "train.resume_allow_changes", f"'{key}' is not one of {STEP_KEYS}")
     eb = cfg.eval.batch_size
     _require(eb is None or eb >= 1, "eval.batch_size", f"must be >= 1 or unset, got {eb}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

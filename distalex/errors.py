@@ -53,6 +53,10 @@ class RunFailure(DistalexError):
     """The run failed after it started; earlier checkpoints and records are kept (exit status 1)."""
 
 
+class WriteError(RunFailure):
+    """A run file could not be written (a full disk, a quota, a read-only or failing file system)."""
+
+
 class NonFiniteLoss(RunFailure):
     """The loss or the weights became NaN/inf."""
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from distalex import determinism, hybrid
 from distalex.amp import resolve_precision
+from distalex.elastic import init_for_restarts
 from distalex.errors import ConfigError
 from distalex.model import AlexNet, AlexNetSpec, init_weights, spec_from_config
 from distalex.towers import CommStats, TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
@@ -248,6 +249,7 @@ def make_accelerator(cfg, log_with=None, project_dir=None):
     determinism.configure(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA starts
     cuda = torch.cuda.is_available()
     timeout = timedelta(seconds=cfg.train.timeout_s)
+    init_for_restarts(timeout, cuda)  # before accelerate, which then adopts the group
     state = PartialState(cpu=not cuda, timeout=timeout)  # sets this rank's device
     return Accelerator(
         cpu=not cuda,

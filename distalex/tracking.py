@@ -26,6 +26,7 @@ import os
 import sys
 from pathlib import Path
 
+from distalex.errors import RunDirError
 from distalex.io import append_jsonl, read_jsonl, write_json, write_jsonl
 
 
@@ -138,11 +139,25 @@ class RunLog:
         )
 
     # -- local records ----------------------------------------------------------------
-    def trim_after(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint (they will be logged again)."""
-        if not (self.is_main and self.metrics_path.exists()):
+    def trim_after(self, step: int, carried: dict | None = None) -> None:
+        """On resume: drop rows logged after the checkpoint (they will be logged again) and a
+        torn last line; put back ``carried``, the checkpoint's last evaluation row, if the
+        file lost it (so the records end as the uninterrupted run's)."""
+        if not self.is_main:
             return
-        write_jsonl(self.metrics_path, [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step])
+        rows = []
+        if self.metrics_path.exists():
+            try:
+                rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
+            except ValueError as exc:
+                raise RunDirError(f"cannot resume the records: {exc}; repair or remove that line") from None
+        if carried and carried.get("step", step + 1) <= step:
+            row = _clean(carried)
+            if row not in rows:
+                at = sum(1 for r in rows if r.get("step", 0) <= row["step"])
+                rows.insert(at, row)
+        if rows or self.metrics_path.exists():
+            write_jsonl(self.metrics_path, rows)
 
     def log(self, row: dict) -> None:
         if not self.is_main:

@@ -15,6 +15,7 @@ a checkpoint.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from distalex import amp, checkpoint, determinism
 from distalex.config import to_container
 from distalex.data import build_data
+from distalex.elastic import restart_count
 from distalex.errors import Interrupted, NonFiniteLoss
 from distalex.evaluate import evaluate_accuracy
 from distalex.meters import TrainMeter
 from distalex.parallel import make_accelerator, setup
-from distalex.rundir import prepare_output_dir
+from distalex.rundir import claim_output_dir, prepare_output_dir
 from distalex.schedule import LRSchedule
 from distalex.signals import GracefulStop
 from distalex.state import Position, TrainingState
@@ -47,12 +49,24 @@ class Trainer:
         self.placement = setup(cfg, self.accelerator)
         for notice in self.placement.notices:
             self.accelerator.print(f"distalex: {notice}")
+        # The run owns its output dir from here to its end (released by close(), or by
+        # the kernel when the process dies).
+        self.run_dir = claim_output_dir(cfg, self.placement)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
         # Everything that can refuse the run does so before anything is written.
         resume_path, saved = self._read_resume_checkpoint()
         self.data = build_data(cfg, self.placement.replica, self.placement.mesh.replicas, self.placement.device)
-        prepare_output_dir(cfg, resume_path, self.placement.is_main)
+        prepare_output_dir(cfg, resume_path, self.placement, notify=self._warn)
 
         self.state = self._fresh_state()
+        self.last_eval: dict = {}  # the newest evaluation row (checkpointed: see checkpoint.build_state)
         if saved is not None:
             self._restore(saved, resume_path)
         # The raw module lives in self.state.model; DDP wraps it, torch.compile (optionally) the wrapper.
@@ -64,23 +78,30 @@ class Trainer:
         self.eval_batch = max(1, (cfg.eval.batch_size or cfg.train.batch_size) // self.placement.mesh.replicas)
         self.log = RunLog(cfg.train.output_dir, self.placement.is_main, self.accelerator, plots=cfg.tracking.plots)
         if saved is not None:
-            self.log.trim_after(self.state.position.step)
+            self.log.trim_after(self.state.position.step, carried=self.last_eval)
         self.run_info = self._run_info()
         self.log.start_wandb(
             cfg,
             {**self.run_info, "config": to_container(cfg)},
             run_name(cfg, self.placement.mesh.world_size, self.run_info["device"], self.run_info["mixed_precision"]),
         )
-        self.last_eval: dict = {}
+
+    def close(self) -> None:
+        """Give the output dir back (on every exit; a killed run's lock goes with its process)."""
+        self.run_dir.release()
 
     # -- building -----------------------------------------------------------------------
     def _read_resume_checkpoint(self):
-        path = checkpoint.resolve(self.cfg.train.resume, self.cfg.train.output_dir)
-        if path is None:
-            return None, None
-        saved = checkpoint.read(path)
-        checkpoint.check_architecture(saved, self.placement.spec, path)
+        t = self.cfg.train
+        path, saved = checkpoint.resolve(t.resume, t.output_dir, warn=self._warn)
+        if path is not None:
+            checkpoint.check_architecture(saved, self.placement.spec, path)
+            checkpoint.check_same_steps(saved, to_container(self.cfg), t.resume_allow_changes, path)
         return path, saved
+
+    def _warn(self, line: str) -> None:
+        if self.placement.is_main:
+            print(line, file=sys.stderr, flush=True)
 
     def _fresh_state(self) -> TrainingState:
         cfg = self.cfg
@@ -103,10 +124,12 @@ class Trainer:
 
     def _restore(self, saved: dict, path: Path) -> None:
         same = checkpoint.restore(saved, self.placement, self.state)
+        self.last_eval = dict(saved.get("last_eval") or {})
         p = self.state.position
         self.accelerator.print(
             f"distalex: resumed from {path} at step {p.step} (epoch {p.epoch}, batch {p.batch})"
             + ("" if same else "; placement changed, RNG streams start afresh")
+            + (f"; launcher restart {restart_count()}" if restart_count() else "")
         )
 
     def _run_info(self) -> dict:
@@ -127,20 +150,22 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> dict:
-        position = self.state.position
         with GracefulStop() as stop, self._progress_bar() as progress:
-            while position.step < self.max_steps and position.epoch < self.cfg.train.epochs:
+            # Until no step is left and the last one is evaluated (a run resumed after its
+            # last step but before its last evaluation does only that evaluation).
+            while self._steps_left() or self.last_eval.get("step") != self.state.position.step:
                 self.train_epoch(stop, progress)
                 self.end_epoch()
-                position = self.state.position
-            if not self.last_eval:  # resumed at the end: evaluate the weights as loaded
-                self.last_eval = {"step": position.step, "epoch": self._epoch_float(), **self.evaluate()}
-                self.log.log(self.last_eval)
-                self.save()
         return self.finish()
+
+    def _steps_left(self) -> bool:
+        p = self.state.position
+        return p.step < self.max_steps and p.epoch < self.cfg.train.epochs
 
     def train_epoch(self, stop: GracefulStop, progress) -> None:
         cfg, pos, meter = self.cfg.train, self.state.position, self.state.meter
+        if not self._steps_left():
+            return
         self.placement.discard_comm()  # count training exchanges only, not evaluation's
         meter.start_clock()
         for x, y in self.data.train.epoch(pos.epoch, pos.batch):
@@ -206,9 +231,9 @@ class Trainer:
             "lr": s.schedule.lr,
         }
         self.log.log(self.last_eval)
-        s.totals.train_examples += figures.seen
-        s.totals.train_time += s.meter.train_time
         if s.position.batch >= self.steps_per_epoch:  # a whole epoch, not a max_steps stop
+            s.totals.train_examples += figures.seen
+            s.totals.train_time += s.meter.train_time
             s.schedule.step_epoch(1.0 - self.last_eval["test_acc"])
             s.schedule.apply(s.optimizer)
             s.position = Position(epoch=s.position.epoch + 1, batch=0, step=s.position.step)
@@ -229,8 +254,7 @@ class Trainer:
         bad = self.state.meter.first_bad_step()
         if bad >= 0:
             raise NonFiniteLoss(
-                f"loss is not finite at step {bad}; stopping. The last good checkpoint "
-                f"is kept in {checkpoint.checkpoint_dir(self.cfg.train.output_dir)}"
+                f"loss is not finite at step {bad}; stopping. {checkpoint.kept(self.cfg.train.output_dir)}"
             )
 
     def save(self):
@@ -239,8 +263,8 @@ class Trainer:
         finite = all(bool(torch.isfinite(p).all()) for p in self.state.model.parameters())
         if self.placement.any_rank(not finite):
             raise NonFiniteLoss(
-                f"parameters are not finite after step {self.state.position.step}; stopping. The "
-                f"last good checkpoint is kept in {checkpoint.checkpoint_dir(self.cfg.train.output_dir)}"
+                f"parameters are not finite after step {self.state.position.step}; stopping. "
+                f"{checkpoint.kept(self.cfg.train.output_dir)}"
             )
         self.state.totals.wall_time = self._wall_time()
         self.started = time.perf_counter()
@@ -250,15 +274,21 @@ class Trainer:
             to_container(self.cfg),
             self.cfg.train.output_dir,
             self.cfg.train.keep_checkpoints,
+            last_eval=self.last_eval,
         )
 
     def finish(self) -> dict:
         s = self.state
         summary = {k: self.last_eval[k] for k in ("loss", "train_acc", "test_acc", "test_top5") if k in self.last_eval}
         summary.update(self.run_info)
+        # Finished epochs plus the epoch a max_steps stop cut short (all from the checkpoint on resume).
+        examples = s.totals.train_examples + s.meter.read_epoch().seen
+        train_time = s.totals.train_time + s.meter.train_time
         summary.update(
             {
-                "examples_per_sec": s.totals.train_examples / max(s.totals.train_time, 1e-9),
+                "examples_per_sec": examples / max(train_time, 1e-9),
+                "train_examples": examples,
+                "train_time_s": train_time,
                 "wall_time_s": self._wall_time(),
                 "steps": s.position.step,
                 "epochs": self._epoch_float(),
@@ -301,4 +331,8 @@ class _NoProgress:
 
 
 def train(cfg) -> dict:
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,70 @@ def run_cli(*args, nprocs: int = 1, timeout: float = 300, env=None, check=True) 
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
     return proc
+
+
+def start_cli(nprocs: int, *args, cmd=None) -> subprocess.Popen:
+    """The CLI (or ``cmd``) in the background, in a session of its own."""
+    return subprocess.Popen(
+        cmd or launch_cmd(nprocs, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def wait_for_step(proc, run_dir, step, timeout=240):
+    """Until metrics.jsonl has a row of ``step`` or later; fails if the run ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = Path(run_dir) / "metrics.jsonl"
+        if path.exists() and any(r.get("step", 0) >= step for r in metrics(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"run did not reach step {step}")
+
+
+def worker_pids(run_dir, local_rank=None) -> list:
+    """Pids of the CLI processes training into ``run_dir`` (of one local rank, or all)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir) not in cmdline or "launch/train.py" not in cmdline or int(entry.name) == os.getpid():
+            continue
+        if local_rank is None or f"LOCAL_RANK={local_rank}".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_job(proc, run_dir, sig):
+    """Signal the launcher and every worker at once (torch's launcher puts its
+    workers in sessions of their own, so the launcher's process group is not enough)."""
+    for pid in [proc.pid] + worker_pids(run_dir):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def assert_bad_input(proc, *needles):
+    """Exit 2 with one ``distalex: error:`` line holding every needle, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("distalex: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
 
 
 def metrics(run_dir) -> list:

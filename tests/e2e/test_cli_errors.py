@@ -7,16 +7,7 @@ import pytest
 
 from distalex.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES
 
-from helpers import QUICK, run_cli, summary
-
-
-def assert_bad_input(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("distalex: error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+from helpers import QUICK, assert_bad_input, latest_checkpoint, run_cli, summary
 
 
 @pytest.mark.parametrize(
@@ -83,7 +74,7 @@ def test_existing_run_is_not_overwritten_and_foreign_checkpoint_refused(tmp_path
         "train.overwrite=true",
     )
     # A checkpoint of another architecture (towers, width) is refused before anything is written.
-    ckpt = sorted((out / "checkpoints").glob("*.pt"))[-1]
+    ckpt = latest_checkpoint(out)
     assert_bad_input(
         run_cli(*QUICK, "model.towers=2", f"train.resume={ckpt}", f"train.output_dir={tmp_path}/other", check=False),
         "different network",
@@ -94,11 +85,11 @@ def test_existing_run_is_not_overwritten_and_foreign_checkpoint_refused(tmp_path
         "different network",
         "width",
     )
-    corrupt = tmp_path / "corrupt.pt"
+    corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(ckpt.read_bytes()[:1000])
     assert_bad_input(
         run_cli(*QUICK, f"train.resume={corrupt}", f"train.output_dir={tmp_path}/c", check=False),
-        "corrupt.pt",
+        "corrupt.safetensors",
         "cannot be read",
     )
     assert_bad_input(

@@ -9,14 +9,26 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from distalex.checkpoint import list_checkpoints, read
 
-from helpers import QUICK, ROOT, SPLIT_MODES, cli_env, latest_checkpoint, launch_cmd, metrics, run_cli, step_losses
+from helpers import (
+    QUICK,
+    ROOT,
+    SPLIT_MODES,
+    cli_env,
+    kill_job,
+    latest_checkpoint,
+    launch_cmd,
+    run_cli,
+    start_cli,
+    step_losses,
+    wait_for_step,
+    worker_pids,
+)
 
 STEPS = 14
 # Dropout stays on: exact resume must restore every rank's RNG stream too.
@@ -27,30 +39,6 @@ RESUMABLE = QUICK + [
     "data.train_limit=320",
 ]  # 10 steps per epoch: the run crosses an epoch boundary
 MODES = SPLIT_MODES
-
-
-def start(nprocs, *args):
-    return subprocess.Popen(
-        launch_cmd(nprocs, *args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(),
-        cwd=ROOT,
-        start_new_session=True,
-    )
-
-
-def wait_for_step(proc, run_dir, step, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = Path(run_dir) / "metrics.jsonl"
-        if path.exists() and any(r.get("step", 0) >= step for r in metrics(run_dir)):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"run did not reach step {step}")
 
 
 def final_weights(run_dir):
@@ -64,10 +52,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, mode):
     nprocs, split = MODES[mode]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_cli(*RESUMABLE, *split, f"train.output_dir={straight}", nprocs=nprocs)
-    proc = start(nprocs, *RESUMABLE, *split, f"train.output_dir={killed}")
+    proc = start_cli(nprocs, *RESUMABLE, *split, f"train.output_dir={killed}")
     wait_for_step(proc, killed, 8)
     kill_job(proc, killed, signal.SIGKILL)
     proc.wait()
+    assert (killed / ".lock").exists()  # the dead run's lock file stays; its lock went with it
     interrupted_at = read(latest_checkpoint(killed))["position"]["step"]
     assert 0 < interrupted_at < STEPS
     run_cli(*RESUMABLE, *split, "train.resume=auto", f"train.output_dir={killed}", nprocs=nprocs)
@@ -78,28 +67,33 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, mode):
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    run_cli(*QUICK, "train.max_steps=2", f"train.output_dir={tmp_path}/run")
+    real = latest_checkpoint(tmp_path / "run")
+    out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        import os, signal, torch
+        import os, signal
         from distalex import checkpoint
-        checkpoint.write({{"format": 1, "model": {{"w": torch.ones(3)}}}}, {str(tmp_path)!r}, 1, keep=3)
-        real_save = torch.save
-        def dying_save(obj, fh):
-            fh.write(b"PK\\x03\\x04 half a checkpoint")
-            fh.flush()
+        saved = checkpoint.read({str(real)!r})
+        checkpoint.write(saved, {str(out)!r}, 1, keep=3)
+        saved["model"] = {{k: v + 1 for k, v in saved["model"].items()}}
+        real_fsync = os.fsync
+        def dying_fsync(fd):  # the new file's bytes are written, it is not yet renamed
             os.kill(os.getpid(), signal.SIGKILL)
-        torch.save = dying_save
-        checkpoint.write({{"format": 1, "model": {{"w": torch.zeros(3)}}}}, {str(tmp_path)!r}, 2, keep=3)
+        os.fsync = dying_fsync
+        checkpoint.write(saved, {str(out)!r}, 2, keep=3)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL
-    assert [p.name for p in list_checkpoints(str(tmp_path))] == ["step_000000001.pt"]
-    assert torch.equal(read(list_checkpoints(str(tmp_path))[0])["model"]["w"], torch.ones(3))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(str(out))] == ["step_000000001.safetensors"]
+    assert any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir())  # the killed writer's
+    a, b = read(real)["model"], read(list_checkpoints(str(out))[0])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_cli(*RESUMABLE, f"train.output_dir={straight}")
-    proc = start(1, *RESUMABLE, "train.checkpoint_every=1000", f"train.output_dir={stopped}")
+    proc = start_cli(1, *RESUMABLE, "train.checkpoint_every=1000", f"train.output_dir={stopped}")
     wait_for_step(proc, stopped, 5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -113,7 +107,9 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
 
 
 def test_sigterm_to_a_two_process_job(tmp_path):
-    proc = start(2, *RESUMABLE, "--split-mode", "ddp", "train.checkpoint_every=1000", f"train.output_dir={tmp_path}")
+    proc = start_cli(
+        2, *RESUMABLE, "--split-mode", "ddp", "train.checkpoint_every=1000", f"train.output_dir={tmp_path}"
+    )
     wait_for_step(proc, tmp_path, 4)
     os.killpg(proc.pid, signal.SIGTERM)  # what a cluster scheduler does on preemption
     proc.communicate(timeout=120)
@@ -141,42 +137,15 @@ def test_nan_guard_stops_and_keeps_good_checkpoint(tmp_path):
     assert "Traceback" not in proc.stderr
     ckpts = list_checkpoints(str(tmp_path))
     assert ckpts, "the good checkpoints before the blow-up are kept"
+    assert f"The newest checkpoint, {ckpts[-1]}, is kept" in errors[0]  # names what exists
     state = read(ckpts[-1])
     assert state["position"]["step"] <= bad_step
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
-def kill_job(proc, run_dir, sig):
-    """Signal the launcher and every worker at once (torch's launcher puts its
-    workers in sessions of their own, so the launcher's process group is not enough)."""
-    pids = [proc.pid] + _worker_pids(run_dir, None)
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _worker_pids(run_dir: Path, local_rank):
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(run_dir) not in cmdline or "launch/train.py" not in cmdline or int(entry.name) == os.getpid():
-            continue
-        if local_rank is None or f"LOCAL_RANK={local_rank}".encode() in environ:
-            pids.append(int(entry.name))
-    return pids
-
-
 def test_dead_rank_ends_the_job_within_timeout(tmp_path):
     timeout_s = 20
-    proc = start(
+    proc = start_cli(
         2,
         *QUICK,
         "--split-mode",
@@ -188,14 +157,14 @@ def test_dead_rank_ends_the_job_within_timeout(tmp_path):
     )
     try:
         wait_for_step(proc, tmp_path, 3)
-        victims = _worker_pids(tmp_path, 1)
+        victims = worker_pids(tmp_path, 1)
         assert len(victims) == 1
         killed_at = time.time()
         os.kill(victims[0], signal.SIGKILL)
         proc.communicate(timeout=timeout_s + 60)
         assert proc.returncode != 0
         assert time.time() - killed_at <= timeout_s + 60
-        assert not _worker_pids(tmp_path, 0), "rank 0 must not outlive the job"
+        assert not worker_pids(tmp_path, 0), "rank 0 must not outlive the job"
     finally:
         kill_job(proc, tmp_path, signal.SIGKILL)
 
@@ -210,7 +179,7 @@ def test_hung_rank_in_a_2x2_mesh_ends_the_job_within_timeout(tmp_path):
     train.timeout_s, not the backend's 30 min.  The stop-flag check (world group) is made
     rare so that no rank is rescued by the world group's timeout."""
     timeout_s = 20
-    proc = start(
+    proc = start_cli(
         4,
         *QUICK,
         "--split-mode",
@@ -223,14 +192,14 @@ def test_hung_rank_in_a_2x2_mesh_ends_the_job_within_timeout(tmp_path):
     )
     try:
         wait_for_step(proc, tmp_path, 3)
-        victims = _worker_pids(tmp_path, 3)
+        victims = worker_pids(tmp_path, 3)
         assert len(victims) == 1
         stopped_at = time.time()
         os.kill(victims[0], signal.SIGSTOP)
         proc.communicate(timeout=timeout_s + HUNG_MARGIN_S)
         assert proc.returncode != 0
         assert time.time() - stopped_at <= timeout_s + HUNG_MARGIN_S
-        assert not any(_worker_pids(tmp_path, r) for r in range(4)), "no rank may outlive the job"
+        assert not any(worker_pids(tmp_path, r) for r in range(4)), "no rank may outlive the job"
     finally:
         kill_job(proc, tmp_path, signal.SIGKILL)  # SIGKILL ends a stopped process too
 
@@ -244,7 +213,7 @@ def test_sigterm_stops_every_rank_at_an_agreed_check_step_and_resumes_exactly(tm
     args.append(f"train.stop_check_every={every}")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_cli(*args, f"train.output_dir={straight}", nprocs=2)
-    proc = start(2, *args, f"train.output_dir={stopped}")
+    proc = start_cli(2, *args, f"train.output_dir={stopped}")
     wait_for_step(proc, stopped, 4)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=120)
