@@ -140,6 +140,14 @@ class Placement:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(t.item())
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest ``value`` over all ranks (on every rank), over the gloo control group."""
+        if self.mesh.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control_group)
+        return int(t.item())
+
     def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference-shaped copies of per-parameter tensors (a collective in model-parallel)."""
         if self.tower_parallel:

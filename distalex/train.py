@@ -15,6 +15,7 @@ a checkpoint.
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from distalex import checkpoint
 from distalex.config import to_container
-from distalex.data import build_data
+from distalex.data import SharedCheck, build_data
 from distalex.errors import Interrupted, NonFiniteLoss
 from distalex.evaluate import evaluate_accuracy
 from distalex.meters import TrainMeter
@@ -49,7 +50,7 @@ class Trainer:
             self.accelerator.print(f"distalex: {notice}")
         # Everything that can refuse the run does so before anything is written.
         resume_path, saved = self._read_resume_checkpoint()
-        self.data = build_data(cfg, self.placement.replica, self.placement.mesh.replicas, self.placement.device)
+        self.data = self._build_data()
         prepare_output_dir(cfg, resume_path, self.placement.is_main)
 
         self.state = self._fresh_state()
@@ -83,6 +84,16 @@ class Trainer:
         saved = checkpoint.read(path)
         checkpoint.check_architecture(saved, self.placement.spec, path)
         return path, saved
+
+    def _build_data(self):
+        """This replica's data; all processes check the input files together; warnings printed once."""
+        p, cfg = self.placement, self.cfg
+        check = SharedCheck(p.rank, p.mesh.world_size, p.min_over_ranks, p.is_main and cfg.train.progress)
+        data = build_data(cfg, p.replica, p.mesh.replicas, p.device, check)
+        if p.is_main:
+            for warning in data.warnings:
+                print(f"distalex: warning: {warning}", file=sys.stderr, flush=True)
+        return data
 
     def _fresh_state(self) -> TrainingState:
         cfg = self.cfg
