@@ -11,6 +11,8 @@ replicas are T ranks apart (docs/design.md, "Mesh").
 
 from __future__ import annotations
 
+import gc
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -187,6 +189,13 @@ def make_accelerator(cfg, log_with=None, project_dir=None):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Imported before the process group exists, on purpose: imported after it (DDP's
+        # constructor and the tower exchanges import it), torch._dynamo leaves a reference to
+        # the default group that destroy_process_group() does not release (torch 2.14.1,
+        # measured), so the group's gloo threads outlive the run -- see shutdown().
+        import torch._dynamo
+
     cuda = torch.cuda.is_available()
     return Accelerator(
         cpu=not cuda,
@@ -237,8 +246,20 @@ def process_groups(mesh: Mesh, device_type: str):
 
 
 def shutdown() -> None:
-    """Tear the process groups down before the interpreter exits: left to
-    interpreter teardown, gloo's threads can abort the process (SIGABRT,
-    "terminate called without an active exception") after a successful run."""
+    """Stop every process group's threads while the interpreter is fully alive.
+
+    ``destroy_process_group`` forgets the groups but stops no thread: a gloo group's
+    worker and transport threads end only in its destructor, when the last
+    reference to it goes, and DDP's reducer, the device mesh and the trainer's
+    placement hold such references, partly in reference cycles that only the
+    garbage collector frees.  Left to interpreter teardown, a gloo thread that
+    drops its last finished work then needs the GIL of a finalizing interpreter;
+    Python ends such a thread with ``pthread_exit``, whose unwinding through a
+    ``noexcept`` C++ frame calls ``std::terminate``: a finished rank dies with
+    SIGABRT ("terminate called without an active exception") now and then.  So
+    the groups are destroyed, then the run's objects are collected here, which
+    runs the destructors that join those threads (they release the GIL to do so).
+    The caller must hold no reference to the run (the trainer) any more."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
