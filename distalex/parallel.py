@@ -12,6 +12,7 @@ replicas are T ranks apart (docs/design.md, "Mesh").
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -194,7 +195,7 @@ def make_accelerator(cfg, log_with=None, project_dir=None):
         # constructor and the tower exchanges import it), torch._dynamo leaves a reference to
         # the default group that destroy_process_group() does not release (torch 2.14.1,
         # measured), so the group's gloo threads outlive the run -- see shutdown().
-        import torch._dynamo
+        importlib.import_module("torch._dynamo")
 
     cuda = torch.cuda.is_available()
     return Accelerator(
