@@ -47,7 +47,8 @@ def command(mode: str, data: str, out: Path, steps: int) -> list[str]:
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), TRAIN, "--config", TINY, "--split-mode", mode,
-        "tracking.wandb=false", "train.progress=false", f"data.name={data}", "data.train_limit=256",
+        "tracking.wandb=false", "tracking.plots=false", "train.progress=false", f"data.name={data}",
+        "data.train_limit=256",
         "data.test_limit=64", "train.batch_size=32", f"train.max_steps={steps}", "train.log_every=1",
         f"train.output_dir={out}",
     ]  # fmt: skip
