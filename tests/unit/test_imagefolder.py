@@ -301,7 +301,7 @@ def test_unreadable_image_is_refused_before_anything_runs(tmp_path, split, conte
     assert "\n" not in str(err.value)
 
 
-def test_unlimited_subset_checks_only_the_images_it_uses(tmp_path):
+def test_a_limited_run_checks_only_the_images_it_uses(tmp_path):
     root = make_folder(tmp_path, CLASSES, n_train=4, n_val=1)
     (root / "train" / "cat" / "img1.png").write_bytes(b"junk")  # not among the first-of-each evenly spaced 3
     used = limit_samples(scan_split(root / "train")[1], 3)
