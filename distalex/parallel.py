@@ -191,8 +191,8 @@ def make_accelerator(cfg, log_with=None, project_dir=None):
     from accelerate.utils import InitProcessGroupKwargs
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Imported before the process group exists, on purpose: imported after it (DDP's
-        # constructor and the tower exchanges import it), torch._dynamo leaves a reference to
+        # Imported before the process group exists, on purpose: imported after it (torch.optim's
+        # and DDP's constructors import it), torch._dynamo leaves a reference to
         # the default group that destroy_process_group() does not release (torch 2.14.1,
         # measured), so the group's gloo threads outlive the run -- see shutdown().
         importlib.import_module("torch._dynamo")
