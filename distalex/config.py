@@ -8,11 +8,14 @@ that names the key; the CLI turns it into exit status 2.  After
 
 from __future__ import annotations
 
-import os
+import io
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distalex.errors import ConfigError
@@ -38,6 +41,10 @@ STEP_KEYS = (
     "data.synthetic_test_size",
     "data.resize_size",
 )
+# Upper bounds of values that are absurd beyond them (each is far above any real run).
+MAX_WIDTH = 16
+MAX_WORKERS = 256
+MAX_TIMEOUT_S = 30 * 24 * 3600
 
 
 @dataclass
@@ -148,25 +155,116 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; anything near this is not one
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str = "", located: bool = True) -> str:
+    """'line L, column C: problem (context)' of a YAML error, on one line (without the
+    place when ``located`` is false: an override's value is a line of its own)."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: no mark, a character position
+        line = text[: exc.position].count("\n") + 1
+        return f"line {line}: character #x{exc.character:04x} is not allowed in YAML"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    problem = " ".join(problem.split()).split(" See ")[0]  # OmegaConf's alias limit points at its docs
+    context = getattr(exc, "context", None)
+    text = problem + (f" ({context})" if context else "")
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark and located else text
+
+
+def _keyed(exc: OmegaConfBaseException, where: str) -> str:
+    """An OmegaConf error as one line after ``where`` (a file or an override)."""
+    msg = _one_line(exc)
+    return f"{where}: {msg[len('config: ') :]}" if msg.startswith("config: ") else f"{where}: {msg}"
+
+
+def read_config_file(path: str) -> DictConfig:
+    """A YAML config file as a DictConfig.  Every way a file can be unusable (missing,
+    a directory, unreadable, not UTF-8, not YAML, not a mapping, a duplicated key,
+    tags that would build Python objects, alias bombs) is one ConfigError line that
+    names the file and, where YAML knows it, the line."""
+    where = f"config file '{path}'"
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{where} is a directory, not a YAML file")
+    if not p.exists():
+        raise ConfigError(f"{where} does not exist")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES} bytes: not an experiment config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{where}, line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+    try:
+        top = yaml.compose(text, Loader=yaml.SafeLoader)  # the document's shape, nothing constructed
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}, {_yaml_problem(exc, text)}") from None
+    if top is not None and not isinstance(top, yaml.MappingNode):
+        kind = "list" if isinstance(top, yaml.SequenceNode) else f"single value '{str(top.value)[:40]}'"
+        raise ConfigError(
+            f"{where}, line {top.start_mark.line + 1}: the top level must be a mapping of "
+            f"sections (model:, data:, train:, ...), got a {kind}"
+        )
+    try:
+        # OmegaConf's safe loader: no Python objects, duplicated keys and alias bombs refused.
+        loaded = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}, {_yaml_problem(exc, text)}") from None
+    except (OmegaConfBaseException, OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
+    return loaded
+
+
+def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, value = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{item}' has no key before '='")
+    if OmegaConf.select(cfg, key, default=MISSING) is MISSING and not _is_optional_none(cfg, key):
+        raise ConfigError(f"config key '{key}' is unknown")
+    try:
+        parsed = OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override '{item}': the value '{value}' cannot be parsed ({_yaml_problem(exc, value, located=False)})"
+        ) from None
+    try:
+        return OmegaConf.merge(cfg, parsed)
+    except OmegaConfBaseException as exc:
+        msg = _one_line(exc)
+        raise ConfigError(
+            f"override '{item}': {msg[len('config: ') :]}" if msg.startswith("config: ") else msg
+        ) from None
+
+
 def load_config(
     path: Optional[str] = None, overrides: Optional[List[str]] = None, split_mode: Optional[str] = None
 ) -> DictConfig:
     """Merge schema, YAML, split mode and overrides; validate; return read-only."""
     cfg = OmegaConf.structured(Config)
+    if path is not None:
+        from_file = read_config_file(path)
+        try:
+            cfg = OmegaConf.merge(cfg, from_file)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_keyed(exc, f"config file '{path}'")) from None
     try:
-        if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError(f"config file '{path}' does not exist")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         if split_mode is not None:
             cfg.split_mode = split_mode
         for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' is not of the form key=value")
-            key = item.split("=", 1)[0]
-            if OmegaConf.select(cfg, key, default=MISSING) is MISSING and not _is_optional_none(cfg, key):
-                raise ConfigError(f"config key '{key}' is unknown")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = _apply_override(cfg, item)
+        # Interpolations (${...}) are resolved once, here, so a broken one is bad input now
+        # and not a traceback at first use.
+        OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
     cfg.train.mixed_precision = _PRECISION_SPELLINGS.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
@@ -188,25 +286,62 @@ def _require(ok: bool, key: str, problem: str) -> None:
         raise ConfigError(f"config key '{key}': {problem}")
 
 
+INT64 = 1 << 63  # every integer ends up in a C int64 somewhere (tensors, seeds, counters)
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) of every leaf of a config, nested sections and lists included."""
+    items = node.items() if isinstance(node, DictConfig) else enumerate(node)
+    for key, value in items:
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (DictConfig, ListConfig)):
+            yield from _leaves(value, full)
+        else:
+            yield full, value
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Every float of the config is finite and every integer fits an int64: one mechanism
+    for every key, present and future, before any key's own bounds are checked."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+        elif isinstance(value, int):
+            _require(-INT64 <= value < INT64, key, f"must fit a 64-bit integer, got {value}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that the types alone cannot express. World-size checks live in parallel.py."""
+    check_numbers(cfg)
     _require(cfg.split_mode in SPLIT_MODES, "split_mode", f"must be one of {SPLIT_MODES}, got '{cfg.split_mode}'")
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     _require(m.towers >= 1, "model.towers", f"must be >= 1, got {m.towers}")
-    _require(m.width > 0, "model.width", f"must be > 0, got {m.width}")
+    _require(
+        0 < m.width <= MAX_WIDTH,
+        "model.width",
+        f"must be in (0, {MAX_WIDTH}] ({MAX_WIDTH} already means {MAX_WIDTH**2}x the paper's fc weights), got {m.width}",
+    )
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.in_channels >= 1, "model.in_channels", f"must be >= 1, got {m.in_channels}")
     _require(m.num_classes >= 2, "model.num_classes", f"must be >= 2, got {m.num_classes}")
     _require(m.init in INITS, "model.init", f"must be one of {INITS}, got '{m.init}'")
+    _require(m.conv1_padding >= 0, "model.conv1_padding", f"must be >= 0, got {m.conv1_padding}")
     _require(d.name in DATASETS, "data.name", f"must be one of {DATASETS}, got '{d.name}'")
     _require(d.image_size >= 1, "data.image_size", f"must be >= 1, got {d.image_size}")
+    _require(d.resize_size >= 1, "data.resize_size", f"must be >= 1, got {d.resize_size}")
     for key in ("train_limit", "test_limit"):
         val = d[key]
         _require(val is None or val >= 1, f"data.{key}", f"must be >= 1 or unset, got {val}")
     _require(d.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1")
     _require(d.synthetic_test_size >= 1, "data.synthetic_test_size", "must be >= 1")
     _require(d.pca_sigma >= 0, "data.pca_sigma", f"must be >= 0, got {d.pca_sigma}")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(
+        0 <= d.num_workers <= MAX_WORKERS,
+        "data.num_workers",
+        f"must be in [0, {MAX_WORKERS}], got {d.num_workers}",
+    )
     _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1 or unset, got {t.max_steps}")
     _require(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -222,7 +357,12 @@ def validate(cfg: DictConfig) -> None:
         "train.mixed_precision",
         f"must be one of {PRECISIONS}, got '{t.mixed_precision}'",
     )
-    _require(t.timeout_s >= 1, "train.timeout_s", f"must be >= 1, got {t.timeout_s}")
+    _require(
+        1 <= t.timeout_s <= MAX_TIMEOUT_S,
+        "train.timeout_s",
+        f"must be in [1, {MAX_TIMEOUT_S}] seconds (30 days), got {t.timeout_s}",
+    )
+    _require(0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2**32), got {t.seed}")
     _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
     _require(not t.output_dir == "", "train.output_dir", "must not be empty")
     for key in t.resume_allow_changes:
@@ -230,11 +370,11 @@ def validate(cfg: DictConfig) -> None:
     eb = cfg.eval.batch_size
     _require(eb is None or eb >= 1, "eval.batch_size", f"must be >= 1 or unset, got {eb}")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _require(o.momentum >= 0, "optim.momentum", f"must be >= 0, got {o.momentum}")
+    _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got '{o.schedule}'")
     _require(0 < o.plateau_factor < 1, "optim.plateau_factor", f"must be in (0, 1), got {o.plateau_factor}")
-    _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _require(o.plateau_patience >= 0, "optim.plateau_patience", f"must be >= 0, got {o.plateau_patience}")
 
 

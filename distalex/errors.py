@@ -6,7 +6,8 @@ The CLI maps a :class:`DistalexError` to its ``exit_code`` in one place
 * :class:`BadInput` (exit 2): the run was refused before it wrote anything -- a
   config key or value, the world size, the data, a checkpoint, the output dir.
 * :class:`RunFailure` (exit 1): the run started and failed (a non-finite loss,
-  a full disk); what it wrote before the failure is kept.
+  a full disk, a data file that changed during the run); what it wrote before
+  the failure is kept.
 * :class:`Interrupted` (exit 128 + signal): SIGTERM/SIGINT stopped the run
   after it wrote a checkpoint.
 """
@@ -59,6 +60,11 @@ class WriteError(RunFailure):
 
 class NonFiniteLoss(RunFailure):
     """The loss or the weights became NaN/inf."""
+
+
+class DataFailure(RunFailure):
+    """A data file that passed the start-up check could not be read during the run
+    (it changed or went away meanwhile): the run fails, its checkpoints are kept."""
 
 
 class Interrupted(DistalexError):

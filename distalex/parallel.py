@@ -16,6 +16,8 @@ of the units); see :mod:`distalex.hybrid`.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -201,6 +203,14 @@ class Placement:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(t.item())
 
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest ``value`` over all ranks (on every rank), over the gloo control group."""
+        if self.mesh.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control_group)
+        return int(t.item())
+
     def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference-shaped copies of per-parameter tensors (a collective in model-parallel and hybrid)."""
         if self.tower_parallel:
@@ -247,6 +257,13 @@ def make_accelerator(cfg, log_with=None, project_dir=None):
     from accelerate.utils import InitProcessGroupKwargs
 
     determinism.configure(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA starts
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Imported before the process group exists, on purpose: imported after it (torch.optim's
+        # and DDP's constructors import it), torch._dynamo leaves a reference to
+        # the default group that destroy_process_group() does not release (torch 2.14.1,
+        # measured), so the group's gloo threads outlive the run -- see shutdown().
+        importlib.import_module("torch._dynamo")
+
     cuda = torch.cuda.is_available()
     timeout = timedelta(seconds=cfg.train.timeout_s)
     init_for_restarts(timeout, cuda)  # before accelerate, which then adopts the group
@@ -322,8 +339,20 @@ def process_groups(mesh: Mesh, timeout: timedelta):
 
 
 def shutdown() -> None:
-    """Tear the process groups down before the interpreter exits: left to
-    interpreter teardown, gloo's threads can abort the process (SIGABRT,
-    "terminate called without an active exception") after a successful run."""
+    """Stop every process group's threads while the interpreter is fully alive.
+
+    ``destroy_process_group`` forgets the groups but stops no thread: a gloo group's
+    worker and transport threads end only in its destructor, when the last
+    reference to it goes, and DDP's reducer, the device mesh and the trainer's
+    placement hold such references, partly in reference cycles that only the
+    garbage collector frees.  Left to interpreter teardown, a gloo thread that
+    drops its last finished work then needs the GIL of a finalizing interpreter;
+    Python ends such a thread with ``pthread_exit``, whose unwinding through a
+    ``noexcept`` C++ frame calls ``std::terminate``: a finished rank dies with
+    SIGABRT ("terminate called without an active exception") now and then.  So
+    the groups are destroyed, then the run's objects are collected here, which
+    runs the destructors that join those threads (they release the GIL to do so).
+    The caller must hold no reference to the run (the trainer) any more."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()

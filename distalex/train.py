@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from distalex import amp, checkpoint, determinism
 from distalex.config import to_container
-from distalex.data import build_data
+from distalex.data import SharedCheck, build_data
 from distalex.elastic import restart_count
 from distalex.errors import Interrupted, NonFiniteLoss
 from distalex.evaluate import evaluate_accuracy
@@ -62,7 +62,7 @@ class Trainer:
         cfg = self.cfg
         # Everything that can refuse the run does so before anything is written.
         resume_path, saved = self._read_resume_checkpoint()
-        self.data = build_data(cfg, self.placement.replica, self.placement.mesh.replicas, self.placement.device)
+        self.data = self._build_data()
         prepare_output_dir(cfg, resume_path, self.placement, notify=self._warn)
 
         self.state = self._fresh_state()
@@ -102,6 +102,15 @@ class Trainer:
     def _warn(self, line: str) -> None:
         if self.placement.is_main:
             print(line, file=sys.stderr, flush=True)
+
+    def _build_data(self):
+        """This replica's data; all processes check the input files together; warnings printed once."""
+        p, cfg = self.placement, self.cfg
+        check = SharedCheck(p.rank, p.mesh.world_size, p.min_over_ranks, p.is_main and cfg.train.progress)
+        data = build_data(cfg, p.replica, p.mesh.replicas, p.device, check)
+        for warning in data.warnings:
+            self._warn(f"distalex: warning: {warning}")
+        return data
 
     def _fresh_state(self) -> TrainingState:
         cfg = self.cfg

@@ -52,14 +52,14 @@ def cli_env(**extra) -> dict:
     return env
 
 
-def launch_cmd(nprocs: int, *args, extra_launch=()) -> list:
+def launch_cmd(nprocs: int, *args, extra_launch=(), script=TRAIN) -> list:
     """The command users type: plain python for 1 process, accelerate launch for more."""
     if nprocs == 1:
-        return [sys.executable, TRAIN, *args]
+        return [sys.executable, script, *args]
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nprocs),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), *extra_launch, TRAIN, *args,
+        "--main_process_port", str(free_port()), *extra_launch, script, *args,
     ]  # fmt: skip
 
 

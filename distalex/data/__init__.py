@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from distalex.data.common import BatchLoader, DataBundle, GlobalBatchPlan, epoch_permutation
+from distalex.data.common import BatchLoader, DataBundle, GlobalBatchPlan, SharedCheck, epoch_permutation
 from distalex.data.fashion_mnist import (
     DEBIAN_FASHION_MNIST,
     FASHION_MNIST_CLASSES,
@@ -30,6 +30,7 @@ __all__ = [
     "DeviceLoader",
     "GlobalBatchPlan",
     "InMemoryDataset",
+    "SharedCheck",
     "build_data",
     "epoch_permutation",
     "load_fashion_mnist",
@@ -39,13 +40,14 @@ __all__ = [
 ]
 
 
-def build_data(cfg, replica: int, replicas: int, device: torch.device) -> DataBundle:
-    """The train and test loaders of ``cfg.data`` for replica ``replica`` of ``replicas``."""
+def build_data(cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None) -> DataBundle:
+    """The train and test loaders of ``cfg.data`` for replica ``replica`` of ``replicas``.
+    ``check``: how the processes share the start-up check of image files (ImageFolder)."""
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.name == "imagefolder":
         from distalex.data.imagefolder import build_imagefolder
 
-        bundle = build_imagefolder(cfg, replica, replicas, device)
+        bundle = build_imagefolder(cfg, replica, replicas, device, check)
     else:
         bundle = _in_memory(cfg, replica, replicas, device)
     n = bundle.train.plan.n
@@ -61,10 +63,11 @@ def build_data(cfg, replica: int, replicas: int, device: torch.device) -> DataBu
 
 def _in_memory(cfg, replica: int, replicas: int, device: torch.device) -> DataBundle:
     d, m, t = cfg.data, cfg.model, cfg.train
+    warnings: list[str] = []
     if d.name == "fashion_mnist":
         if m.in_channels != 1:
             raise DataError(f"Fashion-MNIST is grayscale: model.in_channels must be 1, got {m.in_channels}")
-        train, test = load_fashion_mnist(d.root)
+        train, test = load_fashion_mnist(d.root, warnings)
     else:
         train = make_synthetic(d.synthetic_train_size, m.num_classes, m.in_channels, 28, seed=t.seed + 1)
         test = make_synthetic(d.synthetic_test_size, m.num_classes, m.in_channels, 28, seed=t.seed + 2)
@@ -74,4 +77,4 @@ def _in_memory(cfg, replica: int, replicas: int, device: torch.device) -> DataBu
         plan = GlobalBatchPlan(len(dataset), t.batch_size, replica, replicas, t.seed)
         return DeviceLoader(dataset, plan, d.image_size, device, channels_last=t.channels_last)
 
-    return DataBundle(loader(train), loader(test), len(train.classes), train.classes)
+    return DataBundle(loader(train), loader(test), len(train.classes), train.classes, warnings)

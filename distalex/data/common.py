@@ -12,8 +12,8 @@ replica ``r`` takes the contiguous share ``[n*r//R, n*(r+1)//R)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -84,3 +84,24 @@ class DataBundle:
     test: BatchLoader
     num_classes: int
     classes: tuple[str, ...]
+    warnings: list[str] = field(default_factory=list)  # one line each, for the main process to print
+
+
+def _same(value: int) -> int:
+    return value
+
+
+@dataclass(frozen=True)
+class SharedCheck:
+    """How the processes of a run split a check of every input file, and agree on the verdict.
+
+    Process ``rank`` of ``world`` checks every ``world``-th file from ``rank`` on;
+    ``min_over_ranks`` (a collective) gives every process the same first bad file,
+    so all of them refuse the run with the same message, and none is left waiting
+    in a collective for a process that stopped.  ``progress``: show a progress bar.
+    """
+
+    rank: int = 0
+    world: int = 1
+    min_over_ranks: Callable[[int], int] = _same
+    progress: bool = False

@@ -38,15 +38,27 @@ HOW_TO_GET = (
 )
 
 
-def _candidate_dirs(root: str | None) -> list[Path]:
-    """data.root when it is set, else $DISTALEX_DATA, then Debian's path."""
-    dirs = []
-    bases = [root] if root else [os.environ.get("DISTALEX_DATA"), DEBIAN_FASHION_MNIST]
-    for base in bases:
-        if base:
-            p = Path(base).expanduser()
-            dirs += [p, p / "fashion-mnist", p / "FashionMNIST" / "raw"]
-    return dirs
+def _candidate_dirs(base: str) -> list[Path]:
+    """The folders under one base where the files may lie (as given, Debian's, torchvision's)."""
+    p = Path(base).expanduser()
+    return [p, p / "fashion-mnist", p / "FashionMNIST" / "raw"]
+
+
+def _missing(directory: Path) -> list[str]:
+    return [stem for stem in FASHION_MNIST_FILES if _find_file(directory, stem) is None]
+
+
+def _search(base: str, tried: list[str], partial: list[str]) -> Path | None:
+    """The first folder under ``base`` holding all four files; folders holding only
+    some of them are described in ``partial`` (which files are missing)."""
+    for directory in _candidate_dirs(base):
+        tried.append(str(directory))
+        missing = _missing(directory)
+        if not missing:
+            return directory
+        if len(missing) < len(FASHION_MNIST_FILES):
+            partial.append(f"{directory} lacks {', '.join(missing)} (.gz or unpacked)")
+    return None
 
 
 def _find_file(directory: Path, stem: str) -> Path | None:
@@ -72,17 +84,37 @@ def _parse_idx(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def locate_fashion_mnist(root: str | None) -> Path:
-    """First folder (data.root, $DISTALEX_DATA, the Debian path) holding all four files."""
-    tried = []
-    for directory in _candidate_dirs(root):
-        tried.append(str(directory))
-        if all(_find_file(directory, stem) for stem in FASHION_MNIST_FILES):
-            return directory
-    downloaded = None if root else _try_torchvision_download()
+def locate_fashion_mnist(root: str | None, warnings: list[str] | None = None) -> Path:
+    """First folder (data.root, else $DISTALEX_DATA, else the Debian path) holding all four files.
+
+    An explicit data.root is never replaced by another folder.  A $DISTALEX_DATA
+    that does not hold the files adds one line to ``warnings`` (naming what is
+    missing there) before the Debian path is tried."""
+    tried: list[str] = []
+    partial: list[str] = []
+    if root:
+        found = _search(root, tried, partial)
+        if found is not None:
+            return found
+        if partial:
+            raise DataError(f"Fashion-MNIST in data.root is incomplete: {partial[0]}; {HOW_TO_GET}")
+        raise DataError(f"Fashion-MNIST not found (looked in: {', '.join(tried)}); {HOW_TO_GET}")
+    env = os.environ.get("DISTALEX_DATA")
+    if env:
+        found = _search(env, tried, partial)
+        if found is not None:
+            return found
+        why = partial[0] if partial else f"none of {', '.join(tried)} holds the four files"
+        if warnings is not None:
+            warnings.append(f"$DISTALEX_DATA={env} is set but holds no Fashion-MNIST ({why}); looking elsewhere")
+    found = _search(DEBIAN_FASHION_MNIST, tried, partial)
+    if found is not None:
+        return found
+    downloaded = _try_torchvision_download()
     if downloaded is not None:
         return downloaded
-    raise DataError(f"Fashion-MNIST not found (looked in: {', '.join(tried)}); {HOW_TO_GET}")
+    incomplete = f"; {'; '.join(partial)}" if partial else ""
+    raise DataError(f"Fashion-MNIST not found (looked in: {', '.join(tried)}{incomplete}); {HOW_TO_GET}")
 
 
 def _try_torchvision_download() -> Path | None:
@@ -103,9 +135,9 @@ def _try_torchvision_download() -> Path | None:
     return cache / "FashionMNIST" / "raw"
 
 
-def load_fashion_mnist(root: str | None) -> tuple[InMemoryDataset, InMemoryDataset]:
+def load_fashion_mnist(root: str | None, warnings: list[str] | None = None) -> tuple[InMemoryDataset, InMemoryDataset]:
     """(train, test) as uint8 [N, 1, 28, 28] images and int64 labels, verified."""
-    directory = locate_fashion_mnist(root)
+    directory = locate_fashion_mnist(root, warnings)
     arrays = {}
     for stem, md5 in FASHION_MNIST_FILES.items():
         path = _find_file(directory, stem)

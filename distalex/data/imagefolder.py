@@ -32,8 +32,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from distalex.data.common import Batch, DataBundle, GlobalBatchPlan
-from distalex.errors import DataError
+from distalex.data.common import Batch, DataBundle, GlobalBatchPlan, SharedCheck
+from distalex.errors import DataError, DataFailure
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # ImageNet statistics on [0, 1] RGB (the values fb.resnet.torch and torchvision use).
@@ -101,17 +101,74 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(key)
 
 
+# What PIL raises for a file it cannot open or decode (SyntaxError: some of its parsers).
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
 def _load_rgb(path: str, min_side: int = 0) -> Image.Image:
     """Decode as RGB.  ``min_side``: JPEGs may be decoded at a reduced DCT scale
     (PIL's draft mode, much faster for large photos) as long as both sides stay
-    >= ``min_side``; the exact resize to the shorter side happens afterwards."""
+    >= ``min_side``; the exact resize to the shorter side happens afterwards.
+
+    Every file passed :func:`verify_images` at start-up, so a file that fails here
+    changed (or is damaged past its header) while the run went on: a failure of
+    the run (exit 1, its checkpoints kept), not bad input."""
     try:
         with Image.open(path) as im:
             if min_side:
                 im.draft("RGB", (min_side, min_side))
             return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"image {path} cannot be read ({exc})") from None
+    except _UNREADABLE as exc:
+        raise DataFailure(
+            f"image {path} cannot be read during the run ({exc}); it passed the start-up check, so it "
+            f"changed or is damaged past its header; the run stops, its checkpoints are kept"
+        ) from None
+
+
+def image_problem(path: str) -> str | None:
+    """Why ``path`` is not an image PIL can read, from its header alone (no decoding); None if it is."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except _UNREADABLE as exc:
+        return " ".join(str(exc).split()) or type(exc).__name__
+    if w < 1 or h < 1:
+        return f"its size is {w}x{h}"
+    return None
+
+
+# A progress bar for checks of at least this many files (a few seconds' work).
+PROGRESS_FROM = 5000
+
+
+def verify_images(samples: list[Sample], share: SharedCheck) -> None:
+    """Open every image's header before anything is written (exit 2 on a bad one).
+
+    The processes split the files (``share``) and agree, through one collective, on
+    the first bad file, so all of them refuse the run with the same line.  Cost: a
+    file open and a header parse per image (see the README's ImageFolder section)."""
+    mine = range(share.rank, len(samples), share.world)
+    first_bad = len(samples)
+    bar = None
+    if share.progress and len(mine) >= PROGRESS_FROM:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc="checking images", unit="img", dynamic_ncols=True)
+    try:
+        for i in mine:
+            if image_problem(samples[i][0]) is not None:
+                first_bad = i
+                break
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    first_bad = share.min_over_ranks(first_bad)
+    if first_bad < len(samples):
+        path = samples[first_bad][0]
+        why = image_problem(path) or "it could not be read on another process"
+        raise DataError(f"image {path} cannot be read ({why}); fix or remove it")
 
 
 class TrainTransform:
@@ -151,22 +208,68 @@ class EvalTransform:
 # --------------------------------------------------------------------------- folders
 
 
-def scan_split(directory: Path) -> tuple[tuple[str, ...], list[Sample]]:
-    """Class names (sorted sub-folders) and (path, label) samples, in a fixed order."""
+def _class_images(class_dir: Path) -> tuple[list[str], list[str]]:
+    """Image files under one class folder (sorted, depth first) and the directory links in it.
+
+    Directory links inside a class folder are not followed: one that leads out of it
+    (``loop -> ..``, or to another class) would read other classes' images under this
+    label, or loop for ever; one that stays inside only repeats images the walk finds
+    anyway.  (The class folder itself may be a link.)"""
+    found: list[str] = []
+    links: list[str] = []
+
+    def unlistable(exc: OSError):
+        raise DataError(f"ImageFolder folder {exc.filename} cannot be listed ({exc.strerror or exc})")
+
+    for root, dirs, files in os.walk(class_dir, onerror=unlistable):
+        dirs.sort()
+        links += [os.path.join(root, d) for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+    return found, links
+
+
+def scan_split(directory: Path, warnings: list[str] | None = None) -> tuple[tuple[str, ...], list[Sample]]:
+    """Class names (sorted sub-folders) and (path, label) samples, in a fixed order.
+
+    A class folder without images stays a class (its label is its place among the
+    folder names, as in torchvision, so labels never shift) and earns a warning in
+    ``warnings``, as do directory links that were not followed."""
     if not directory.is_dir():
         raise DataError(f"ImageFolder split {directory} does not exist (expected {directory}/<class>/<image files>)")
     classes = tuple(sorted(e.name for e in os.scandir(directory) if e.is_dir()))
     if not classes:
         raise DataError(f"ImageFolder split {directory} has no class sub-folders")
+    real_split = os.path.realpath(directory)
+    for name in classes:
+        real = os.path.realpath(directory / name)
+        if os.path.commonpath([real, real_split]) == real:
+            raise DataError(
+                f"ImageFolder class folder {directory / name} is a link to {real}, which holds the split "
+                f"folder itself: every image would be read under one label"
+            )
     samples: list[Sample] = []
+    empty: list[str] = []
+    skipped: list[str] = []
     for label, name in enumerate(classes):
-        found = []
-        for root, dirs, files in os.walk(directory / name, followlinks=True):
-            dirs.sort()
-            found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        found, links = _class_images(directory / name)
         samples += [(p, label) for p in found]
+        skipped += links
+        if not found:
+            empty.append(name)
     if not samples:
         raise DataError(f"ImageFolder split {directory} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
+    notes = warnings if warnings is not None else []
+    if empty:
+        listed = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        notes.append(
+            f"ImageFolder {directory}: {len(empty)} class folder(s) hold no images ({listed}); "
+            f"kept as classes so that labels follow the folder names"
+        )
+    if skipped:
+        notes.append(
+            f"ImageFolder {directory}: {len(skipped)} directory link(s) inside class folders were not "
+            f"followed (they would read other folders' images under the class's label; first: {skipped[0]})"
+        )
     return classes, samples
 
 
@@ -226,12 +329,12 @@ class EpochBatchSampler:
             yield [(i, epoch) for i in index.tolist()]
 
 
-def _one_line(exc: DataError) -> DataError:
-    """A DataError re-raised from a worker carries the worker's traceback; keep its last line."""
+def _one_line(exc: DataFailure) -> DataFailure:
+    """An error re-raised from a DataLoader worker carries the worker's traceback; keep its last line."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     tail = lines[-1] if lines else str(exc)
-    prefix = "DataError: "
-    return DataError(tail[tail.find(prefix) + len(prefix) :] if prefix in tail else tail)
+    prefix = f"{type(exc).__name__}: "
+    return type(exc)(tail[tail.find(prefix) + len(prefix) :] if prefix in tail else tail)
 
 
 class ImageFolderLoader:
@@ -278,7 +381,7 @@ class ImageFolderLoader:
         try:
             for x, y in loader:
                 yield self._to_device(x, y)
-        except DataError as exc:
+        except DataFailure as exc:
             raise _one_line(exc) from None
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
@@ -301,7 +404,9 @@ class ImageFolderLoader:
         yield from self._iterate(loader)
 
 
-def build_imagefolder(cfg, replica: int, replicas: int, device: torch.device) -> DataBundle:
+def build_imagefolder(
+    cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None
+) -> DataBundle:
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.root is None:
         raise DataError(
@@ -318,8 +423,9 @@ def build_imagefolder(cfg, replica: int, replicas: int, device: torch.device) ->
         raise DataError(f"ImageFolder images are loaded as RGB: model.in_channels must be 3, got {m.in_channels}")
     if d.resize_size < d.image_size:
         raise DataError(f"data.resize_size={d.resize_size} is smaller than the crop data.image_size={d.image_size}")
-    train_classes, train_samples = scan_split(root / "train")
-    val_classes, val_samples = scan_split(root / "val")
+    warnings: list[str] = []
+    train_classes, train_samples = scan_split(root / "train", warnings)
+    val_classes, val_samples = scan_split(root / "val", warnings)
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
@@ -329,9 +435,10 @@ def build_imagefolder(cfg, replica: int, replicas: int, device: torch.device) ->
         )
     train_samples = limit_samples(train_samples, d.train_limit)
     val_samples = limit_samples(val_samples, d.test_limit)
+    verify_images(train_samples + val_samples, check or SharedCheck())
 
     def loader(samples: list[Sample]) -> ImageFolderLoader:
         plan = GlobalBatchPlan(len(samples), t.batch_size, replica, replicas, t.seed)
         return ImageFolderLoader(samples, cfg, plan, device)
 
-    return DataBundle(loader(train_samples), loader(val_samples), len(train_classes), train_classes)
+    return DataBundle(loader(train_samples), loader(val_samples), len(train_classes), train_classes, warnings)

@@ -1,10 +1,18 @@
 import gzip
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from distalex.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, DataError, load_fashion_mnist, make_synthetic
+from distalex.data import (
+    DEBIAN_FASHION_MNIST,
+    FASHION_MNIST_FILES,
+    DataError,
+    load_fashion_mnist,
+    locate_fashion_mnist,
+    make_synthetic,
+)
 
 from helpers import device_loader
 
@@ -70,3 +78,49 @@ def test_global_batches_are_the_same_for_any_replica_count():
         [y for r in range(2) for _, y in device_loader(data, replica=r, replicas=2, **kw).eval_batches(16)]
     )
     assert torch.equal(seen, data.labels)  # evaluation covers every example once
+
+
+def _link_all(dst, skip=()):
+    """A Fashion-MNIST folder of links to the Debian files, without the stems in ``skip``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for stem in FASHION_MNIST_FILES:
+        if stem not in skip:
+            (dst / f"{stem}.gz").symlink_to(f"{DEBIAN_FASHION_MNIST}/{stem}.gz")
+    return dst
+
+
+@pytest.mark.parametrize(
+    "missing", [("t10k-labels-idx1-ubyte",), ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")]
+)
+def test_incomplete_root_names_the_missing_files(tmp_path, missing):
+    root = _link_all(tmp_path / "fm", skip=missing)
+    with pytest.raises(DataError) as err:
+        locate_fashion_mnist(str(root))
+    msg = str(err.value)
+    assert "incomplete" in msg and str(root) in msg and "\n" not in msg, msg
+    for stem in FASHION_MNIST_FILES:
+        assert (stem in msg) == (stem in missing), msg
+
+
+@pytest.mark.parametrize("kind", ["nonexistent", "empty", "incomplete"])
+def test_bad_distalex_data_warns_once_and_falls_back(tmp_path, monkeypatch, kind):
+    env = tmp_path / "data"
+    if kind == "empty":
+        env.mkdir()
+    elif kind == "incomplete":
+        _link_all(env, skip=("train-labels-idx1-ubyte",))
+    monkeypatch.setenv("DISTALEX_DATA", str(env))
+    warnings = []
+    assert locate_fashion_mnist(None, warnings) == Path(DEBIAN_FASHION_MNIST)
+    assert len(warnings) == 1 and "$DISTALEX_DATA" in warnings[0] and str(env) in warnings[0], warnings
+    assert "\n" not in warnings[0]
+    if kind == "incomplete":
+        assert "train-labels-idx1-ubyte" in warnings[0]
+
+
+def test_good_distalex_data_is_used_without_warning(tmp_path, monkeypatch):
+    env = _link_all(tmp_path / "data" / "fashion-mnist")
+    monkeypatch.setenv("DISTALEX_DATA", str(tmp_path / "data"))
+    warnings = []
+    assert locate_fashion_mnist(None, warnings) == env
+    assert warnings == []

@@ -1,6 +1,9 @@
 """ImageFolder pipeline: PCA lighting, ten crops, batch plan, resume, errors."""
 
+import io
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from distalex.config import load_config
-from distalex.data import DataError, build_data, epoch_permutation
+from distalex.data import DataError, SharedCheck, build_data, epoch_permutation
 from distalex.data.imagefolder import (
     IMAGENET_EIGVAL,
     IMAGENET_EIGVEC,
@@ -18,9 +21,13 @@ from distalex.data.imagefolder import (
     EvalTransform,
     PCALighting,
     build_imagefolder,
+    limit_samples,
     sample_generator,
+    scan_split,
     ten_crop,
+    verify_images,
 )
+from distalex.errors import DataFailure, RunFailure
 
 from helpers import make_folder
 
@@ -266,19 +273,134 @@ def test_class_mismatch_and_num_classes(tmp_path):
 # keeping the failed loader alive until exit (where torch skips the join) saves that.
 _FAILED_LOADERS = []
 
+CPU = torch.device("cpu")
 
-def test_corrupt_image_is_one_line_data_error(tmp_path):
+
+def _truncated_jpeg(path):
+    """A JPEG whose header is intact and whose image data stops half way."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+@pytest.mark.parametrize(
+    ("split", "content"),
+    [
+        ("train", b"not a jpeg"),
+        ("train", b""),
+        ("val", b"\x89PNG\r\n\x1a\n" + b"\x00" * 10),  # a PNG signature and nothing after it
+        ("val", b"<html>a page saved under an image name</html>"),
+    ],
+)
+def test_unreadable_image_is_refused_before_anything_runs(tmp_path, split, content):
     root = make_folder(tmp_path, CLASSES, n_train=2, n_val=1)
-    bad = root / "train" / "dog" / "img0.jpg"
-    bad.write_bytes(b"not a jpeg")
+    bad = root / split / "dog" / "img0.jpg"
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(str(bad))) as err:
+        build_imagefolder(cfg_for(root), 0, 1, CPU)
+    assert "\n" not in str(err.value)
+
+
+def test_a_limited_run_checks_only_the_images_it_uses(tmp_path):
+    root = make_folder(tmp_path, CLASSES, n_train=4, n_val=1)
+    (root / "train" / "cat" / "img1.png").write_bytes(b"junk")  # not among the first-of-each evenly spaced 3
+    used = limit_samples(scan_split(root / "train")[1], 3)
+    assert str(root / "train" / "cat" / "img1.png") not in [p for p, _ in used]
+    build_imagefolder(cfg_for(root, "data.train_limit=3", "train.batch_size=3"), 0, 1, CPU)
+
+
+def test_processes_split_the_check_and_agree_on_the_first_bad_file(tmp_path, monkeypatch):
+    import distalex.data.imagefolder as imf
+
+    root = make_folder(tmp_path, CLASSES, n_train=2, n_val=1)
+    samples = scan_split(root / "train")[1] + scan_split(root / "val")[1]
+    bad_index = 5  # rank 1's share of 2 processes (odd indices)
+    Path(samples[bad_index][0]).write_bytes(b"junk")
+    opened = []
+    real = imf.image_problem
+    monkeypatch.setattr(imf, "image_problem", lambda p: opened.append(p) or real(p))
+    seen_by_collective = []
+
+    def other_rank_found(value):  # the all-reduce MIN with rank 1, which found index 5
+        seen_by_collective.append(value)
+        return min(value, bad_index)
+
+    with pytest.raises(DataError, match=re.escape(samples[bad_index][0])):
+        verify_images(samples, SharedCheck(rank=0, world=2, min_over_ranks=other_rank_found))
+    assert seen_by_collective == [len(samples)]  # rank 0 found nothing in its share
+    mine = [p for i, (p, _) in enumerate(samples) if i % 2 == 0]
+    assert opened == [*mine, samples[bad_index][0]]  # its share, then the agreed file for the message
+    # Rank 1 stops at its first bad file and reports its index.
+    opened.clear()
+    with pytest.raises(DataError):
+        verify_images(samples, SharedCheck(rank=1, world=2, min_over_ranks=lambda v: v))
+    assert opened[:3] == [samples[1][0], samples[3][0], samples[5][0]]
+
+
+def test_image_changed_during_the_run_is_a_run_failure(tmp_path):
     for workers in (0, 1):
+        root = make_folder(tmp_path / str(workers), CLASSES, n_train=2, n_val=1)
         loader = build_imagefolder(
-            cfg_for(root, f"data.num_workers={workers}", "train.batch_size=6"), 0, 1, torch.device("cpu")
-        ).train
+            cfg_for(root, f"data.num_workers={workers}", "train.batch_size=6"), 0, 1, CPU
+        ).train  # every file passed the start-up check
+        bad = root / "train" / "dog" / "img1.png"
+        bad.write_bytes(b"overwritten while the run went on")
         _FAILED_LOADERS.append(loader)
-        with pytest.raises(DataError, match=str(bad)) as err:
+        with pytest.raises(DataFailure, match=re.escape(str(bad))) as err:
             collect(loader.epoch(0))
-        assert "\n" not in str(err.value)
+        assert isinstance(err.value, RunFailure) and err.value.exit_code == 1
+        assert "\n" not in str(err.value) and "checkpoints are kept" in str(err.value)
+
+
+def test_image_damaged_past_its_header_fails_the_run_not_the_start(tmp_path):
+    root = make_folder(tmp_path, CLASSES, n_train=2, n_val=1)
+    bad = root / "val" / "fox" / "img0.jpg"
+    _truncated_jpeg(bad)
+    bundle = build_imagefolder(cfg_for(root), 0, 1, CPU)  # the header check passes
+    with pytest.raises(DataFailure, match=re.escape(str(bad))):
+        collect(bundle.test.eval_batches(3))
+
+
+def test_empty_class_folder_is_kept_as_a_class_with_one_warning(tmp_path):
+    root = make_folder(tmp_path, ("ant", "cat", "dog"), n_train=2, n_val=1)
+    for split in ("train", "val"):
+        (root / split / "bee").mkdir()
+        (root / split / "bee" / "readme.txt").write_text("no images here")
+    warnings = []
+    classes, samples = scan_split(root / "train", warnings)
+    assert classes == ("ant", "bee", "cat", "dog")
+    # labels follow the folder names: cat is 2, dog 3, as torchvision numbers them
+    assert {Path(p).parent.name: y for p, y in samples} == {"ant": 0, "cat": 2, "dog": 3}
+    assert len(warnings) == 1 and "bee" in warnings[0] and "\n" not in warnings[0], warnings
+    bundle = build_imagefolder(cfg_for(root, "model.num_classes=4"), 0, 1, CPU)
+    assert bundle.num_classes == 4 and len(bundle.warnings) == 2  # train/ and val/
+    assert scan_split(make_folder(tmp_path / "full", CLASSES, n_train=1, n_val=1) / "train", warnings)
+    assert len(warnings) == 1  # a folder without empty classes adds none
+
+
+def test_directory_links_never_leave_the_class_folder_nor_loop(tmp_path):
+    root = make_folder(tmp_path, CLASSES, n_train=2, n_val=1)
+    train = root / "train"
+    (train / "cat" / "loop").symlink_to("..")  # -> train/: every class, and itself
+    (train / "cat" / "to_dog").symlink_to(train / "dog")  # another class's images
+    (train / "cat" / "sub").mkdir()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(train / "cat" / "sub" / "deep.png")
+    (train / "cat" / "again").symlink_to("sub")  # inside the class folder: would read sub/ twice
+    warnings = []
+    classes, samples = scan_split(train, warnings)
+    cat = sorted(p for p, y in samples if y == classes.index("cat"))
+    assert cat == sorted(
+        [str(train / "cat" / "img0.jpg"), str(train / "cat" / "img1.png"), str(train / "cat" / "sub" / "deep.png")]
+    )
+    assert len(samples) == 2 * len(CLASSES) + 1
+    assert len(warnings) == 1 and "3 directory link(s)" in warnings[0], warnings
+
+
+def test_class_folder_linking_to_an_ancestor_is_refused(tmp_path):
+    root = make_folder(tmp_path, CLASSES, n_train=2, n_val=1)
+    (root / "train" / "eel").symlink_to(root)
+    with pytest.raises(DataError, match="holds the split folder itself"):
+        scan_split(root / "train")
 
 
 def test_large_jpeg_draft_decode_keeps_the_shorter_side(tmp_path):
