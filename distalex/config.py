@@ -23,6 +23,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 # YAML 1.1 reads a bare `no` as a boolean; OmegaConf then stores "False".
 _PRECISION_SPELLINGS = {"False": "no", "false": "no", "fp32": "no"}
 SCHEDULES = ("constant", "plateau")
+COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
 INITS = ("xavier", "paper")
 
 
@@ -82,6 +83,12 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     timeout_s: int = 300  # process-group timeout: a dead rank ends the job
     progress: bool = True
+    # Record this many training steps (after 2 warm-up steps) with torch.profiler:
+    # <output_dir>/profile/{trace.json,summary.json,profile.png}.  0 = off.
+    profile: int = 0
+    # Peak TFLOP/s of one device (one process on a CPU) for MFU; unset = the
+    # datasheet table for GPUs, a measured matmul peak for CPUs (distalex/peak.py).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -94,6 +101,20 @@ class OptimConfig:
     plateau_factor: float = 0.1
     plateau_patience: int = 1
     min_lr: float = 0.0
+
+
+@dataclass
+class DDPConfig:
+    """How DDP replicas exchange gradients (PyTorch's DDP communication hooks)."""
+
+    # none: fp32 all-reduce, exact.  bf16 / fp16: gradients rounded to 16 bits for
+    # the all-reduce (half the bytes).  powersgd: low-rank compression with error
+    # feedback (Vogels et al. 2019); exact until powersgd_start_iter.
+    comm_hook: str = "none"
+    bucket_cap_mb: Optional[float] = None  # unset: DDP's default (25 MiB buckets, a 1 MiB first one)
+    gradient_as_bucket_view: bool = False  # gradients alias the buckets: one copy less, less memory
+    powersgd_rank: int = 1  # matrix approximation rank
+    powersgd_start_iter: int = 1000  # plain all-reduce before this step (PyTorch's default)
 
 
 @dataclass
@@ -114,6 +135,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -213,6 +235,9 @@ def validate(cfg: DictConfig) -> None:
         f"must be one of {PRECISIONS}, got '{t.mixed_precision}'",
     )
     _require(t.timeout_s >= 1, "train.timeout_s", f"must be >= 1, got {t.timeout_s}")
+    _require(t.profile >= 0, "train.profile", f"must be >= 0 (0 = off), got {t.profile}")
+    pk = t.peak_tflops
+    _require(pk is None or pk > 0, "train.peak_tflops", f"must be > 0 or unset, got {pk}")
     _require(not t.output_dir == "", "train.output_dir", "must not be empty")
     eb = cfg.eval.batch_size
     _require(eb is None or eb >= 1, "eval.batch_size", f"must be >= 1 or unset, got {eb}")
@@ -223,6 +248,13 @@ def validate(cfg: DictConfig) -> None:
     _require(0 < o.plateau_factor < 1, "optim.plateau_factor", f"must be in (0, 1), got {o.plateau_factor}")
     _require(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
     _require(o.plateau_patience >= 0, "optim.plateau_patience", f"must be >= 0, got {o.plateau_patience}")
+    g = cfg.ddp
+    _require(g.comm_hook in COMM_HOOKS, "ddp.comm_hook", f"must be one of {COMM_HOOKS}, got '{g.comm_hook}'")
+    cap = g.bucket_cap_mb
+    _require(cap is None or cap > 0, "ddp.bucket_cap_mb", f"must be > 0 or unset, got {cap}")
+    _require(g.powersgd_rank >= 1, "ddp.powersgd_rank", f"must be >= 1, got {g.powersgd_rank}")
+    # PowerSGD's error feedback needs the first two steps' plain all-reduce (a PyTorch requirement).
+    _require(g.powersgd_start_iter >= 2, "ddp.powersgd_start_iter", f"must be >= 2, got {g.powersgd_start_iter}")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 from distalex import checkpoint
 from distalex.config import to_container
@@ -27,7 +28,9 @@ from distalex.data import build_data
 from distalex.errors import Interrupted, NonFiniteLoss
 from distalex.evaluate import evaluate_accuracy
 from distalex.meters import TrainMeter
+from distalex.mfu import for_run
 from distalex.parallel import make_accelerator, setup
+from distalex.profiling import BACKWARD, StepProfiler
 from distalex.rundir import prepare_output_dir
 from distalex.schedule import LRSchedule
 from distalex.signals import GracefulStop
@@ -51,6 +54,8 @@ class Trainer:
         resume_path, saved = self._read_resume_checkpoint()
         self.data = build_data(cfg, self.placement.replica, self.placement.mesh.replicas, self.placement.device)
         prepare_output_dir(cfg, resume_path, self.placement.is_main)
+        self.utilization, peak_line = for_run(cfg, self.placement)
+        self.accelerator.print(f"distalex: {peak_line}")
 
         self.state = self._fresh_state()
         if saved is not None:
@@ -74,6 +79,9 @@ class Trainer:
             run_name(cfg, self.placement.mesh.world_size, self.run_info["device"]),
         )
         self.last_eval: dict = {}
+        self.profiler = StepProfiler(
+            cfg.train.profile, self.state.model, self.placement, cfg.train.output_dir, self.log.title
+        )
 
     # -- building -----------------------------------------------------------------------
     def _read_resume_checkpoint(self):
@@ -123,12 +131,13 @@ class Trainer:
             "mixed_precision": cfg.train.mixed_precision,
             "global_batch": cfg.train.batch_size,
             "device": device,
+            **self.utilization.run_info(),
         }
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> dict:
         position = self.state.position
-        with GracefulStop() as stop, self._progress_bar() as progress:
+        with GracefulStop() as stop, self._progress_bar() as progress, self.profiler:
             while position.step < self.max_steps and position.epoch < self.cfg.train.epochs:
                 self.train_epoch(stop, progress)
                 self.end_epoch()
@@ -145,6 +154,7 @@ class Trainer:
         meter.start_clock()
         for x, y in self.data.train.epoch(pos.epoch, pos.batch):
             self.train_step(x, y)
+            self.profiler.after_step()
             pos.step += 1
             pos.batch += 1
             progress.update(1)
@@ -163,12 +173,14 @@ class Trainer:
             if pos.step >= self.max_steps:
                 break
         meter.stop_clock()
+        self.profiler.end_epoch()  # evaluation and checkpoints are not training steps
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with self.accelerator.autocast():
             logits = self.compiled_model(x)
             loss = F.cross_entropy(logits, y)
-        self.accelerator.backward(loss)
+        with record_function(BACKWARD):
+            self.accelerator.backward(loss)
         self.state.optimizer.step()
         self.state.optimizer.zero_grad(set_to_none=True)
         self.state.meter.update(loss, logits, y, self.state.position.step + 1)
@@ -182,7 +194,7 @@ class Trainer:
             "epoch": self._epoch_float(),
             "loss": interval.loss,
             "lr": self.state.schedule.lr,
-            "examples_per_sec": self.state.meter.examples_per_sec(),
+            **self._speed(self.state.meter.examples_per_sec()),
             **self.placement.comm_bytes_per_step(interval.steps),
         }
         if self.placement.device.type == "cuda":
@@ -199,7 +211,7 @@ class Trainer:
             "epoch": self._epoch_float(),
             "loss": figures.loss,
             "train_acc": figures.train_acc,
-            "examples_per_sec": figures.examples_per_sec,
+            **self._speed(figures.examples_per_sec),
             **self.evaluate(),
             "epoch_time_s": s.meter.train_time,
             "lr": s.schedule.lr,
@@ -257,7 +269,7 @@ class Trainer:
         summary.update(self.run_info)
         summary.update(
             {
-                "examples_per_sec": s.totals.train_examples / max(s.totals.train_time, 1e-9),
+                **self._speed(s.totals.train_examples / max(s.totals.train_time, 1e-9)),
                 "wall_time_s": self._wall_time(),
                 "steps": s.position.step,
                 "epochs": self._epoch_float(),
@@ -269,6 +281,10 @@ class Trainer:
         return summary
 
     # -- small helpers ------------------------------------------------------------------
+    def _speed(self, examples_per_sec: float) -> dict:
+        """examples/sec with the model TFLOP/s and MFU it stands for."""
+        return {"examples_per_sec": examples_per_sec, **self.utilization.figures(examples_per_sec)}
+
     def _epoch_float(self) -> float:
         p = self.state.position
         return p.epoch + p.batch / self.steps_per_epoch
