@@ -169,8 +169,9 @@ def _profile_colors(categories: Sequence[str]) -> dict:
     """Blues for the convolutions, greens for the fully connected layers, reds for
     communication, gold for data, purples for loss/optimizer, grey for the rest."""
     blues, greens = plt.get_cmap("Blues"), plt.get_cmap("Greens")
-    reds = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22"]
+    reds = ["#e377c2", "#bcbd22", "#17becf"]  # communication not named below
     fixed = {"data": "#e6b800", "loss": "#c5b0d5", "optimizer": "#9467bd", "other": "#c7c7c7"}
+    fixed.update({"comm:ddp": "#d62728", "comm:tower": "#ff7f0e", "comm:hybrid": "#8c564b", "comm:other": "#f7b6d2"})
     fixed.update({f"conv{i}": blues(0.35 + 0.13 * (i - 1)) for i in range(1, 6)})
     fixed.update({f"fc{i}": greens(0.4 + 0.2 * (i - 6)) for i in range(6, 9)})
     out, spare = {}, iter(reds + [f"C{i}" for i in range(10)])

@@ -329,7 +329,10 @@ class StepProfiler:
         try:
             from distalex.plots import plot_profile
 
-            plot_profile([(_rank_label(r, self.placement), r) for r in ranks], self.dir / "profile.png", self.title)
+            title = (
+                f"{self.title or 'training'}: {len(steps)} profiled steps, ms per step on each process's main thread"
+            )
+            plot_profile([(_rank_label(r, self.placement), r) for r in ranks], self.dir / "profile.png", title)
         except Exception as exc:  # a picture must never stop training
             print(f"warning: profile.png not written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
         print(f"distalex: profile of {len(steps)} steps -> {self.dir}", flush=True)

@@ -34,6 +34,12 @@ def test_config_is_read_only():
         ("train.epochs=0", "train.epochs"),
         ("model.dropout=1.5", "model.dropout"),
         ("data.name=cifar", "data.name"),
+        ("train.profile=-1", "train.profile"),
+        ("train.peak_tflops=0", "train.peak_tflops"),
+        ("ddp.comm_hook=zstd", "ddp.comm_hook"),
+        ("ddp.bucket_cap_mb=0", "ddp.bucket_cap_mb"),
+        ("ddp.powersgd_rank=0", "ddp.powersgd_rank"),
+        ("ddp.powersgd_start_iter=1", "ddp.powersgd_start_iter"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
