@@ -189,7 +189,7 @@ def plot_profile(bars: Sequence[tuple[str, dict]], path, title: str | None = Non
     # Keep the first entry's order, then any category only later entries have, 'other' last.
     categories = [c for c in categories if c != "other"] + (["other"] if "other" in categories else [])
     colors = _profile_colors(categories)
-    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.55 * len(bars)))
+    fig, ax = plt.subplots(figsize=(11, max(3.2, 1.2 + 0.55 * len(bars))))
     ys = list(range(len(bars)))[::-1]  # first bar on top
     widest = max((sum(e["ms_per_step"].values()) for _, e in bars), default=0.0) or 1.0
     for y, (_, entry) in zip(ys, bars, strict=True):
@@ -212,7 +212,7 @@ def plot_profile(bars: Sequence[tuple[str, dict]], path, title: str | None = Non
     ax.set_xlabel("milliseconds per training step")
     ax.grid(True, axis="x", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in categories]
-    ax.legend(handles, categories, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / max(len(bars), 1)),
-              ncol=min(len(categories), 8), fontsize=8, frameon=False)  # fmt: skip
+    ax.legend(handles, categories, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              ncol=1 if len(categories) <= 2 + 5 * len(bars) else 2)  # fmt: skip
     ax.set_title(title or "where a training step's time goes", fontsize=9)
     return _save(fig, path)
