@@ -27,6 +27,7 @@ from distalex.config import to_container
 from distalex.data import build_data
 from distalex.errors import Interrupted, NonFiniteLoss
 from distalex.evaluate import evaluate_accuracy
+from distalex.hostmem import keep_freed_memory
 from distalex.meters import TrainMeter
 from distalex.mfu import for_run
 from distalex.parallel import make_accelerator, setup
@@ -48,6 +49,8 @@ class Trainer:
             cfg, log_with="wandb" if cfg.tracking.wandb else None, project_dir=cfg.train.output_dir
         )
         self.placement = setup(cfg, self.accelerator)
+        if cfg.train.reuse_host_memory and self.placement.device.type == "cpu":
+            keep_freed_memory()
         for notice in self.placement.notices:
             self.accelerator.print(f"distalex: {notice}")
         # Everything that can refuse the run does so before anything is written.
