@@ -117,8 +117,8 @@ class Placement:
         "Guarantees"), which is why accelerate's prepare (DDP over all ranks)
         is not used there."""
         if self.mesh.replicas > 1:
-            params = sum(p.numel() for p in model.parameters())
-            self._comm["ddp_bytes_per_step"] = ddp_bytes_per_step(params, self.mesh.replicas)
+            options = self.ddp or DDPOptions()
+            self._comm["ddp_bytes_per_step"] = options.bytes_per_step(model, self.mesh.replicas)
         if self.mesh.replicas > 1 and not self.tower_parallel:
             return accelerator.prepare_model(model)  # DDP options: make_accelerator's DistributedDataParallelKwargs
         if self.mesh.replicas > 1:
@@ -219,6 +219,24 @@ class DDPOptions:
                     f"or set it >= {math.ceil(grads_mb)}"
                 )
         return DDPOptions(g.comm_hook, cap, g.gradient_as_bucket_view, g.powersgd_rank, g.powersgd_start_iter)
+
+    def bytes_per_step(self, model: nn.Module, replicas: int) -> int:
+        """Bytes one replica sends per step in DDP's all-reduce (ring accounting), with
+        this hook: 4 per gradient element, 2 with bf16/fp16; PowerSGD once it compresses
+        (from ``powersgd_start_iter``): its P and Q factors, and the tensors it leaves whole."""
+        shapes = [p.shape for p in model.parameters() if p.requires_grad]
+        if self.comm_hook in ("bf16", "fp16"):
+            return ddp_bytes_per_step(sum(s.numel() for s in shapes), replicas, element_size=2)
+        if self.comm_hook != "powersgd":
+            return ddp_bytes_per_step(sum(s.numel() for s in shapes), replicas)
+        sent = 0
+        for shape in shapes:
+            n = shape[0] if len(shape) else 1
+            m = shape.numel() // n
+            rank = min(n, m, self.powersgd_rank)
+            # PyTorch's rule (min_compression_rate 2): compress when it at least halves the tensor.
+            sent += (n + m) * rank if (n + m) * rank * 2 < n * m else n * m
+        return ddp_bytes_per_step(sent, replicas)
 
     def ddp_kwargs(self) -> dict:
         out = {"gradient_as_bucket_view": self.gradient_as_bucket_view}

@@ -58,3 +58,19 @@ def test_powersgd_over_gloo_refuses_a_small_bucket_with_the_numbers():
     params = 46_764_746  # the seed's network (distalex/model.py)
     assert f"{params * 4 / 2**20:.1f} MiB" in msg
     assert "ddp.bucket_cap_mb" in msg and "25" in msg and "\n" not in msg
+
+
+def test_bytes_per_step_follow_the_hook():
+    from torch import nn
+
+    from distalex.parallel import DDPOptions
+    from distalex.towers import ddp_bytes_per_step
+
+    model = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 2))  # weights 50x100 and 2x50, biases 50 and 2
+    elements = 5000 + 50 + 100 + 2
+    assert DDPOptions().bytes_per_step(model, 2) == ddp_bytes_per_step(elements, 2) == 4 * elements
+    assert DDPOptions("bf16").bytes_per_step(model, 4) == ddp_bytes_per_step(elements, 4, element_size=2)
+    # PowerSGD rank 1: 50x100 -> P 50 + Q 100; 2x50 is not worth it ((2+50)*2 > 100): whole; biases whole.
+    assert DDPOptions("powersgd", powersgd_rank=1).bytes_per_step(model, 2) == 4 * (150 + 100 + 50 + 2)
+    # rank 30: (50+100)*30*2 > 5000, so nothing is compressed.
+    assert DDPOptions("powersgd", powersgd_rank=30).bytes_per_step(model, 2) == 4 * elements
