@@ -69,3 +69,24 @@ def test_profile_is_written_for_every_process(runs, mode):
     _, width, height = png_size(prof / "profile.png")
     assert width > 300 and height > 100
     assert f"profile of {PROFILED} steps" in runs[mode + "_proc"].stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_profile_and_mfu_on_a_gpu(tmp_path):
+    """The device-time profile and the datasheet peak (their logic is tested on CPU in
+    tests/unit/test_profiling.py and tests/unit/test_peak.py)."""
+    import torch
+
+    from distalex.peak import gpu_peak
+
+    env = cli_env()
+    env.pop("CUDA_VISIBLE_DEVICES")
+    run_cli(*ARGS, "--split-mode", "single", f"train.output_dir={tmp_path}", env=env)
+    s = summary(tmp_path)
+    prof = json.loads((tmp_path / "profile" / "summary.json").read_text())
+    assert prof["measure"] == "device time per category" and prof["steps"] == PROFILED
+    ms = prof["ranks"][0]["ms_per_step"]
+    assert all(ms.get(g, 0) > 0 for g in ("conv2", "fc6", "optimizer")), ms
+    known = gpu_peak(torch.cuda.get_device_name(0), s["mixed_precision"])
+    assert ("mfu" in s) == (known is not None)
