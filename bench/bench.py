@@ -3,6 +3,7 @@
 
     python bench/bench.py [--quick] [--out bench/results/bench.json]
     python bench/bench.py --ablation [--quick] [--out bench/results/ablation.json]
+    python bench/bench.py --ddp-hooks [--quick]     (adds a ddp row per ddp.comm_hook)
 
 Rows of the benchmark (issue 7 §3 and issue 3's "Benchmark"), all on the same
 short schedule: the first ``steps x 128`` images of real Fashion-MNIST at 224x224,
@@ -31,9 +32,18 @@ processes of (c)/(d)/(f) gets half of them (OMP_NUM_THREADS).  Figures per row:
   process    training examples / wall time of the whole process, interpreter and
              launcher start-up included
   test_acc   after the schedule (at this length, only a smoke check: near chance)
+  TFLOP/s    the model's training FLOPs per second at the train rate (distalex/flops.py:
+             3 x forward, forward = 2 x the MACs of every conv and fc layer)
+  MFU        TFLOP/s / (processes x the peak of one process): the matmul peak at the
+             row's precision and threads per process, measured once by this script
+             (distalex/peak.py, cached per machine); on a GPU the datasheet peak
+
+--ddp-hooks adds rows c-bf16, c-fp16 and c-powersgd: ddp with each DDP
+communication hook (PowerSGD rank 1 compressing from step 2, so that it acts
+within the short schedule); compare them with (c), which all-reduces fp32.
 
 --ablation: distalex single with each fast path toggled against the fast set
-(bf16 autocast, channels_last, no compile, foreach SGD), plus everything off;
+(bf16 autocast, channels_last, no compile, foreach SGD, host memory kept), plus everything off;
 and an accuracy-parity check (fp32 vs bf16 after a schedule that does learn: the
 tiny config for a few epochs, several seeds), since the 224 schedule is too short
 for accuracy to mean anything.
@@ -73,12 +83,14 @@ FAST = {
     "train.channels_last": "true",
     "train.compile": "false",
     "optim.foreach": "true",
+    "train.reuse_host_memory": "true",
 }
 TOGGLES = [  # (row name, what changes)
     ("fp32", {"train.mixed_precision": "'no'"}),
     ("no-channels_last", {"train.channels_last": "false"}),
     ("compile", {"train.compile": "true"}),
     ("no-foreach", {"optim.foreach": "false"}),
+    ("no-reuse_host_memory", {"train.reuse_host_memory": "false"}),
     (
         "all-off",
         {
@@ -86,6 +98,7 @@ TOGGLES = [  # (row name, what changes)
             "train.channels_last": "false",
             "train.compile": "false",
             "optim.foreach": "false",
+            "train.reuse_host_memory": "false",
         },
     ),
 ]
@@ -325,6 +338,7 @@ def run_distalex(
             "mixed_precision": s.get("mixed_precision"),
             "towers": s.get("towers"),
             "world_size": s.get("world_size"),
+            "flops_per_example": s.get("flops_per_example"),
             "step_times_s": r["step_times_s"],
         }
     )
@@ -397,12 +411,30 @@ def figures_table(rows: dict, order: list) -> str:
                 fmt(r.get("e2e"), 1),
                 fmt(r.get("process"), 1),
                 fmt(r.get("test_acc"), 4),
+                fmt(r.get("tflops_per_sec"), 3),
+                "-" if r.get("mfu") is None else f"{r['mfu']:.1%}",
+                "-" if r.get("mfu_steady") is None else f"{r['mfu_steady']:.1%}",
                 r.get("error", "")[:120],
             ]
         )
     return print_table(
-        "\nexamples/sec (training steps / steady / end-to-end in-run / whole process) and test accuracy",
-        ["row", "what", "procs x thr", "precision", "train", "steady", "e2e", "process", "test_acc", "error"],
+        "\nexamples/sec (training steps / steady / end-to-end in-run / whole process), test accuracy,"
+        " model TFLOP/s and MFU (at the train and steady rates)",
+        [
+            "row",
+            "what",
+            "procs x thr",
+            "precision",
+            "train",
+            "steady",
+            "e2e",
+            "process",
+            "test_acc",
+            "TFLOP/s",
+            "MFU",
+            "MFU steady",
+            "error",
+        ],
         lines,
     )
 
@@ -418,6 +450,54 @@ def alternating_rounds(items, repeat: int):
             yield rep, item
 
 
+HOOKS = [  # (row, ddp overrides) for --ddp-hooks
+    ("c-bf16", ["ddp.comm_hook=bf16"]),
+    ("c-fp16", ["ddp.comm_hook=fp16"]),
+    ("c-powersgd", ["ddp.comm_hook=powersgd", "ddp.powersgd_start_iter=2"]),
+]
+
+
+def add_mfu(rows: dict, sched: dict) -> None:
+    """TFLOP/s and MFU of every row, all against peaks this process measured (or read
+    from the cache), so that every row of one invocation uses the same peaks."""
+    from distalex.flops import training_flops
+    from distalex.model import AlexNetSpec
+    from distalex.peak import device_peak
+
+    peaks = {}
+    for row in rows.values():
+        if row.get("train") is None:
+            continue
+        flops = row.get("flops_per_example") or training_flops(AlexNetSpec(image_size=sched["image_size"]))
+        precision = row.get("mixed_precision") or "no"
+        threads = row["threads_per_process"]
+        if (precision, threads) not in peaks:
+            peaks[precision, threads] = _peak(device_peak, precision, threads)
+        peak = peaks[precision, threads]
+        row["tflops_per_sec"] = row["train"] * flops / 1e12
+        if peak:
+            row["peak_tflops_per_process"] = peak
+            row["mfu"] = row["tflops_per_sec"] / (row["processes"] * peak)
+            if row.get("steady") is not None:
+                row["mfu_steady"] = row["steady"] * flops / 1e12 / (row["processes"] * peak)
+
+
+def _peak(device_peak, precision: str, threads: int):
+    import torch
+
+    if torch.cuda.is_available():
+        peak, _ = device_peak(torch.device("cuda", 0), precision)
+        return None if peak is None else peak.tflops
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        peak, line = device_peak(torch.device("cpu"), precision)
+    finally:
+        torch.set_num_threads(previous)
+    print(f"[bench] {line}", flush=True)
+    return peak.tflops
+
+
 def bench(args, sched, work) -> dict:
     extra = list(args.set)
     specs = [
@@ -429,6 +509,8 @@ def bench(args, sched, work) -> dict:
         ("f", ("hybrid, 2 processes", "hybrid", 2, extra)),
         ("g", ("model-parallel, 2 processes, NCHW", "model-parallel", 2, extra + ["train.channels_last=false"])),
     ]
+    if args.ddp_hooks:
+        specs += [(name, (f"ddp, 2 processes, {' '.join(ov)}", "ddp", 2, ov + extra)) for name, ov in HOOKS]
     runs = []
     for rep, (name, spec) in alternating_rounds(specs, args.repeat):
         print(f"[bench] round {rep + 1}/{args.repeat}: row {name} ...", flush=True)
@@ -442,13 +524,14 @@ def bench(args, sched, work) -> dict:
         print(f"[bench]   {name}: {msg}", flush=True)
         runs.append(row)
     rows = median_rows(runs)
+    add_mfu(rows, sched)
     order = [s[0] for s in specs]
     text = figures_table(rows, order)
     lines, ratios = [], {}
     for n in order:
         rr = {}
         for m in ("train", "steady", "e2e"):
-            for den in ("a", "b", "e"):
+            for den in ("a", "b", "c", "e"):
                 rr[f"{m}/{den}"] = ratio(rows, n, den, m)
         ratios[n] = rr
         lines.append(
@@ -476,10 +559,21 @@ def bench(args, sched, work) -> dict:
         # channels_last kept across the tower exchanges: what the layout buys model-parallel
         "model-parallel channels_last / NCHW (train)": ratio(rows, "d", "g", "train"),
         "model-parallel channels_last / NCHW (steady)": ratio(rows, "d", "g", "steady"),
+        "single MFU >= 0.60 (at the precision the run used)": rows["b"].get("mfu"),
     }
     print("\ntargets (measured):", flush=True)
     for k, v in targets.items():
         print(f"  {k}: {fmt(v, 3)}", flush=True)
+    if args.ddp_hooks:
+        hook_lines = [
+            [n, rows[n]["label"], fmt(rows[n].get("train"), 1), fmt(ratios[n]["train/c"]), fmt(ratios[n]["train/b"])]
+            for n in ["c"] + [h for h, _ in HOOKS]
+        ]
+        text += "\n" + print_table(
+            "\nDDP communication hooks: train examples/sec, and relative to (c) (fp32 all-reduce) and (b) single",
+            ["row", "what", "train", "÷ (c)", "÷ (b)"],
+            hook_lines,
+        )
     return {"rows": rows, "ratios": ratios, "targets_measured": targets, "runs": runs, "table": text}
 
 
@@ -496,6 +590,7 @@ def ablation(args, sched, work) -> dict:
         print(f"[ablation]   {name}: {msg}", flush=True)
         runs.append(row)
     rows = median_rows(runs)
+    add_mfu(rows, sched)
     order = [v[0] for v in variants]
     text = figures_table(rows, order)
     lines, ratios = [], {}
@@ -561,6 +656,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="shortest schedule (a smoke run, ~2 min)")
     ap.add_argument("--ablation", action="store_true", help="fast-path ablation instead of the benchmark")
+    ap.add_argument("--ddp-hooks", action="store_true", help="add a ddp row for each ddp.comm_hook")
     ap.add_argument("--steps", type=int, default=None, help="training steps per row (default 8; --quick 3)")
     ap.add_argument("--test-limit", type=int, default=None, help="test images (default 512; --quick 256)")
     ap.add_argument("--image-size", type=int, default=224)

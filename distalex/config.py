@@ -26,6 +26,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 # YAML 1.1 reads a bare `no` as a boolean; OmegaConf then stores "False".
 _PRECISION_SPELLINGS = {"False": "no", "false": "no", "fp32": "no"}
 SCHEDULES = ("constant", "plateau")
+COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
 INITS = ("xavier", "paper")
 # Keys that decide which examples a step trains on: a resume that changes one would
 # continue at a data position that means something else (refused unless listed in
@@ -103,6 +104,9 @@ class TrainConfig:
     # "auto" and the run's records (summary.json) name the precision used.
     mixed_precision: str = "auto"
     channels_last: bool = True  # measured 1.16x with bf16 on CPU; a layout change only
+    # CPU: keep freed memory in the process instead of page-faulting it back every
+    # step (distalex/hostmem.py); no effect on the arithmetic.
+    reuse_host_memory: bool = True
     compile: bool = False
     cudnn_benchmark: bool = True  # ignored (off) when deterministic
     # Bitwise-reproducible kernels on GPUs: cudnn.benchmark off, deterministic
@@ -114,6 +118,12 @@ class TrainConfig:
     # rank checks at the same steps, so the step the run stops at is agreed.
     stop_check_every: int = 10
     progress: bool = True
+    # Record this many training steps (after 2 warm-up steps) with torch.profiler:
+    # <output_dir>/profile/{trace.json,summary.json,profile.png}.  0 = off.
+    profile: int = 0
+    # Peak TFLOP/s of one device (one process on a CPU) for MFU; unset = the
+    # datasheet table for GPUs, a measured matmul peak for CPUs (distalex/peak.py).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -126,6 +136,20 @@ class OptimConfig:
     plateau_factor: float = 0.1
     plateau_patience: int = 1
     min_lr: float = 0.0
+
+
+@dataclass
+class DDPConfig:
+    """How DDP replicas exchange gradients (PyTorch's DDP communication hooks)."""
+
+    # none: fp32 all-reduce, exact.  bf16 / fp16: gradients rounded to 16 bits for
+    # the all-reduce (half the bytes).  powersgd: low-rank compression with error
+    # feedback (Vogels et al. 2019); exact until powersgd_start_iter.
+    comm_hook: str = "none"
+    bucket_cap_mb: Optional[float] = None  # unset: DDP's default (25 MiB buckets, a 1 MiB first one)
+    gradient_as_bucket_view: bool = False  # gradients alias the buckets: one copy less, less memory
+    powersgd_rank: int = 1  # matrix approximation rank
+    powersgd_start_iter: int = 1000  # plain all-reduce before this step (PyTorch's default)
 
 
 @dataclass
@@ -146,6 +170,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -364,6 +389,9 @@ def validate(cfg: DictConfig) -> None:
     )
     _require(0 <= t.seed < 2**32, "train.seed", f"must be in [0, 2**32), got {t.seed}")
     _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
+    _require(t.profile >= 0, "train.profile", f"must be >= 0 (0 = off), got {t.profile}")
+    pk = t.peak_tflops
+    _require(pk is None or pk > 0, "train.peak_tflops", f"must be > 0 or unset, got {pk}")
     _require(not t.output_dir == "", "train.output_dir", "must not be empty")
     for key in t.resume_allow_changes:
         _require(key in STEP_KEYS, "train.resume_allow_changes", f"'{key}' is not one of {STEP_KEYS}")
@@ -376,6 +404,13 @@ def validate(cfg: DictConfig) -> None:
     _require(0 < o.plateau_factor < 1, "optim.plateau_factor", f"must be in (0, 1), got {o.plateau_factor}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _require(o.plateau_patience >= 0, "optim.plateau_patience", f"must be >= 0, got {o.plateau_patience}")
+    g = cfg.ddp
+    _require(g.comm_hook in COMM_HOOKS, "ddp.comm_hook", f"must be one of {COMM_HOOKS}, got '{g.comm_hook}'")
+    cap = g.bucket_cap_mb
+    _require(cap is None or cap > 0, "ddp.bucket_cap_mb", f"must be > 0 or unset, got {cap}")
+    _require(g.powersgd_rank >= 1, "ddp.powersgd_rank", f"must be >= 1, got {g.powersgd_rank}")
+    # PowerSGD's error feedback needs the first two steps' plain all-reduce (a PyTorch requirement).
+    _require(g.powersgd_start_iter >= 2, "ddp.powersgd_start_iter", f"must be >= 2, got {g.powersgd_start_iter}")
 
 
 def to_container(cfg: DictConfig) -> dict:

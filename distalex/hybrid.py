@@ -49,13 +49,18 @@ Parameter names equal the reference model's, so a checkpoint maps one to one
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from distalex.model import AlexNet, AlexNetSpec, build_layers
 from distalex.towers import CommStats, gather_tensors
 
+# The profiler files the time spent inside this label as the hybrid exchanges (distalex/profiling.py).
+PROFILE_LABEL = "comm:hybrid"
 FC_SHARDED = ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias", "fc8.weight")
 
 
@@ -74,6 +79,17 @@ def is_replicated(name: str) -> bool:
     return shard_dim(name) is None
 
 
+def _profiled(exchange):
+    """Run ``exchange`` under the profiler label of the hybrid exchanges (distalex/profiling.py)."""
+
+    @functools.wraps(exchange)
+    def labelled(*args):
+        with record_function(PROFILE_LABEL):
+            return exchange(*args)
+
+    return labelled
+
+
 class _GatherRows(torch.autograd.Function):
     """Forward: concatenate every rank's rows (rank order = the global batch's order).
     Backward: sum the whole-batch gradient over the ranks (reduce-scatter), keep this
@@ -81,6 +97,7 @@ class _GatherRows(torch.autograd.Function):
     which DDP's averaging of the conv gradients expects)."""
 
     @staticmethod
+    @_profiled
     def forward(ctx, x, group, world, stats, grad_scale):
         x = x.contiguous()
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
@@ -90,6 +107,7 @@ class _GatherRows(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_profiled
     def backward(ctx, grad):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
@@ -106,6 +124,7 @@ class _GatherColumns(torch.autograd.Function):
     all units) and keep this rank's u columns (reduce-scatter)."""
 
     @staticmethod
+    @_profiled
     def forward(ctx, x, group, world, stats):
         x = x.contiguous()
         rows, units = x.shape
@@ -116,6 +135,7 @@ class _GatherColumns(torch.autograd.Function):
         return stacked.view(world, rows, units).transpose(0, 1).reshape(rows, world * units)
 
     @staticmethod
+    @_profiled
     def backward(ctx, grad):
         rows, total = grad.shape
         units = total // ctx.world
@@ -133,6 +153,7 @@ class _SumScatterRows(torch.autograd.Function):
     mean over all B - so every fc shard gets the gradient of the global mean."""
 
     @staticmethod
+    @_profiled
     def forward(ctx, partial, group, world, stats):
         partial = partial.contiguous()
         out = partial.new_empty((partial.shape[0] // world, *partial.shape[1:]))
@@ -142,6 +163,7 @@ class _SumScatterRows(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_profiled
     def backward(ctx, grad):
         grad = grad.contiguous()
         full = grad.new_empty((ctx.world * grad.shape[0], *grad.shape[1:]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -117,6 +118,7 @@ class Placement:
     control_group: dist.ProcessGroup | None = None  # gloo, all ranks: host-side flags
     notices: list = field(default_factory=list)
     exchange_stats: CommStats = field(default_factory=CommStats)  # bytes the tower/hybrid exchanges send
+    ddp: DDPOptions | None = None  # how DDP exchanges gradients (None: PyTorch's defaults)
     _comm: dict = field(default_factory=dict)  # the latest figures of comm_bytes_per_step
 
     @property
@@ -170,13 +172,18 @@ class Placement:
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         if self.mesh.replicas > 1:
             synced = [p for n, p in model.named_parameters() if not self.fc_sharded or hybrid.is_replicated(n)]
-            params = sum(p.numel() for p in synced)
-            self._comm["ddp_bytes_per_step"] = ddp_bytes_per_step(params, self.mesh.replicas)
+            options = self.ddp or DDPOptions()
+            self._comm["ddp_bytes_per_step"] = options.bytes_per_step(synced, self.mesh.replicas)
         if self.mesh.replicas > 1 and not (self.tower_parallel or self.fc_sharded):
-            return accelerator.prepare_model(model)
+            return accelerator.prepare_model(model)  # DDP options: make_accelerator's DistributedDataParallelKwargs
         if self.mesh.replicas > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=self.replica_group)
+            options = self.ddp or DDPOptions()
+            ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=device_ids, process_group=self.replica_group, **options.ddp_kwargs()
+            )
+            options.register_hook(ddp, self.replica_group)  # this tower's replicas only
+            return ddp
         return model
 
     def inference_model(self, model: nn.Module) -> nn.Module:
@@ -250,6 +257,103 @@ class Placement:
             dist.barrier()
 
 
+@dataclass(frozen=True)
+class DDPOptions:
+    """``cfg.ddp`` as DDP takes it: the wrapper's keywords and a communication hook.
+
+    The hooks are PyTorch's (``torch.distributed.algorithms.ddp_comm_hooks``):
+    bf16/fp16 round each gradient bucket to 16 bits for the all-reduce and back;
+    PowerSGD all-reduces a rank-r factorisation of each gradient matrix, keeping
+    what it drops as error feedback for the next step.
+    """
+
+    comm_hook: str = "none"
+    bucket_cap_mb: float | None = None
+    gradient_as_bucket_view: bool = False
+    powersgd_rank: int = 1
+    powersgd_start_iter: int = 1000
+
+    @staticmethod
+    def from_config(cfg, gloo: bool) -> DDPOptions:
+        """Validated against the network: PowerSGD over gloo needs every gradient in one
+        bucket.  Its hook chains collectives from completion callbacks, and with several
+        buckets two ranks can issue them in different orders, which gloo cannot match
+        (seen here as a size-mismatch abort in about one run in five)."""
+        g = cfg.ddp
+        cap = g.bucket_cap_mb
+        if g.comm_hook == "powersgd" and gloo:
+            from distalex.flops import layer_counts
+
+            grads_mb = sum(layer.params for layer in layer_counts(spec_from_config(cfg))) * 4 / 2**20
+            if cap is None:
+                cap = float(math.ceil(grads_mb) + 1)
+            elif cap < grads_mb:
+                raise ConfigError(
+                    f"config key 'ddp.bucket_cap_mb': ddp.comm_hook=powersgd over gloo needs one gradient "
+                    f"bucket, but {cap} MiB holds less than the {grads_mb:.1f} MiB of gradients; unset it "
+                    f"or set it >= {math.ceil(grads_mb)}"
+                )
+        return DDPOptions(g.comm_hook, cap, g.gradient_as_bucket_view, g.powersgd_rank, g.powersgd_start_iter)
+
+    def bytes_per_step(self, params, replicas: int) -> int:
+        """Bytes one replica sends per step in DDP's all-reduce of ``params`` (ring accounting), with
+        this hook: 4 per gradient element, 2 with bf16/fp16; PowerSGD once it compresses
+        (from ``powersgd_start_iter``): its P and Q factors, and the tensors it leaves whole."""
+        shapes = [p.shape for p in params if p.requires_grad]
+        if self.comm_hook in ("bf16", "fp16"):
+            return ddp_bytes_per_step(sum(s.numel() for s in shapes), replicas, element_size=2)
+        if self.comm_hook != "powersgd":
+            return ddp_bytes_per_step(sum(s.numel() for s in shapes), replicas)
+        sent = 0
+        for shape in shapes:
+            n = shape[0] if len(shape) else 1
+            m = shape.numel() // n
+            rank = min(n, m, self.powersgd_rank)
+            # PyTorch's rule (min_compression_rate 2): compress when it at least halves the tensor.
+            sent += (n + m) * rank if (n + m) * rank * 2 < n * m else n * m
+        return ddp_bytes_per_step(sent, replicas)
+
+    def ddp_kwargs(self) -> dict:
+        out = {"gradient_as_bucket_view": self.gradient_as_bucket_view}
+        if self.bucket_cap_mb is not None:
+            out["bucket_cap_mb"] = self.bucket_cap_mb
+        return out
+
+    def _powersgd_options(self) -> dict:
+        return {"matrix_approximation_rank": self.powersgd_rank, "start_powerSGD_iter": self.powersgd_start_iter}
+
+    def register_hook(self, ddp_model, group) -> None:
+        """Register the hook on a DDP model whose replicas are ``group``."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+        if self.comm_hook == "bf16":
+            ddp_model.register_comm_hook(group, default_hooks.bf16_compress_hook)
+        elif self.comm_hook == "fp16":
+            ddp_model.register_comm_hook(group, default_hooks.fp16_compress_hook)
+        elif self.comm_hook == "powersgd":
+            state = powerSGD_hook.PowerSGDState(process_group=group, **self._powersgd_options())
+            ddp_model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+
+    def accelerate_kwargs(self):
+        """The same for accelerate's prepare (DDP over every rank)."""
+        from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+
+        hooks = {
+            "none": DDPCommunicationHookType.NO,
+            "bf16": DDPCommunicationHookType.BF16,
+            "fp16": DDPCommunicationHookType.FP16,
+            "powersgd": DDPCommunicationHookType.POWER_SGD,
+        }
+        kwargs = DistributedDataParallelKwargs(
+            gradient_as_bucket_view=self.gradient_as_bucket_view,
+            comm_hook=hooks[self.comm_hook],
+            comm_state_option=self._powersgd_options() if self.comm_hook == "powersgd" else {},
+        )
+        if self.bucket_cap_mb is not None:
+            kwargs.bucket_cap_mb = self.bucket_cap_mb
+        return kwargs
+
+
 def make_accelerator(cfg, log_with=None, project_dir=None):
     """The process group (every group gets ``train.timeout_s``), this rank's device,
     then the precision ``auto`` stands for on that device (distalex/amp.py)."""
@@ -273,7 +377,10 @@ def make_accelerator(cfg, log_with=None, project_dir=None):
         mixed_precision=resolve_precision(cfg.train.mixed_precision, state.device),
         log_with=log_with,
         project_dir=project_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timeout),
+            DDPOptions.from_config(cfg, gloo=not cuda).accelerate_kwargs(),
+        ],
     )
 
 
@@ -300,6 +407,9 @@ def setup(cfg, accelerator) -> Placement:
         width=cfg.model.width,
     )
     placement = Placement(cfg.split_mode, mesh, accelerator.process_index, accelerator.device, spec)
+    placement.ddp = DDPOptions.from_config(cfg, gloo=accelerator.device.type != "cuda")
+    if cfg.ddp.comm_hook != "none" and mesh.replicas == 1:
+        placement.notices.append(f"ddp.comm_hook={cfg.ddp.comm_hook} has no effect: this run has one replica")
     if cfg.split_mode == "model-parallel" and world == 1:
         placement.notices.append(
             f"model-parallel with 1 process: single-device fallback, all {cfg.model.towers} towers "

@@ -163,3 +163,56 @@ def plot_comparison(runs: Sequence[dict], path) -> Path:
     ax_bar.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _profile_colors(categories: Sequence[str]) -> dict:
+    """Blues for the convolutions, greens for the fully connected layers, reds for
+    communication, gold for data, purples for loss/optimizer, grey for the rest."""
+    blues, greens = plt.get_cmap("Blues"), plt.get_cmap("Greens")
+    reds = ["#e377c2", "#bcbd22", "#17becf"]  # communication not named below
+    fixed = {"data": "#e6b800", "loss": "#c5b0d5", "optimizer": "#9467bd", "other": "#c7c7c7"}
+    fixed.update({"comm:ddp": "#d62728", "comm:tower": "#ff7f0e", "comm:hybrid": "#8c564b", "comm:other": "#f7b6d2"})
+    fixed.update({f"conv{i}": blues(0.35 + 0.13 * (i - 1)) for i in range(1, 6)})
+    fixed.update({f"fc{i}": greens(0.4 + 0.2 * (i - 6)) for i in range(6, 9)})
+    out, spare = {}, iter(reds + [f"C{i}" for i in range(10)])
+    for c in categories:
+        out[c] = fixed.get(c) or next(spare)
+    return out
+
+
+def plot_profile(bars: Sequence[tuple[str, dict]], path, title: str | None = None) -> Path:
+    """One stacked horizontal bar per (label, profile entry): milliseconds per training
+    step by category (``entry['ms_per_step']``), categories in the entries' order."""
+    categories: list[str] = []
+    for _, entry in bars:
+        categories += [c for c in entry["ms_per_step"] if c not in categories]
+    # Keep the first entry's order, then any category only later entries have, 'other' last.
+    categories = [c for c in categories if c != "other"] + (["other"] if "other" in categories else [])
+    colors = _profile_colors(categories)
+    fig, ax = plt.subplots(figsize=(11, max(3.2, 1.2 + 0.55 * len(bars))))
+    ys = list(range(len(bars)))[::-1]  # first bar on top
+    widest = max((sum(e["ms_per_step"].values()) for _, e in bars), default=0.0) or 1.0
+    for y, (_, entry) in zip(ys, bars, strict=True):
+        left = 0.0
+        for c in categories:
+            ms = entry["ms_per_step"].get(c, 0.0)
+            if ms <= 0:
+                continue
+            ax.barh(y, ms, left=left, color=colors[c], edgecolor="white", linewidth=0.5, height=0.7)
+            if ms >= 0.06 * widest:  # name the wide segments inside the bar, readable on dark colours
+                r, g, b = matplotlib.colors.to_rgb(colors[c])
+                ink = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
+                text = f"{c}\n{ms:.0f}" if ms >= 10 else f"{c}\n{ms:.2g}"
+                ax.text(left + ms / 2, y, text, ha="center", va="center", fontsize=7, color=ink)
+            left += ms
+        ax.text(left + 0.01 * widest, y, f"{left:,.1f} ms", va="center", fontsize=8)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([label for label, _ in bars], fontsize=8)
+    ax.set_xlim(0, widest * 1.12)
+    ax.set_xlabel("milliseconds per training step")
+    ax.grid(True, axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in categories]
+    ax.legend(handles, categories, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              ncol=1 if len(categories) <= 2 + 5 * len(bars) else 2)  # fmt: skip
+    ax.set_title(title or "where a training step's time goes", fontsize=9)
+    return _save(fig, path)

@@ -26,8 +26,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from distalex.model import AlexNetSpec, build_layers
+
+# The profiler files the time spent inside this label as tower communication (distalex/profiling.py).
+PROFILE_LABEL = "comm:tower"
 
 
 class CommStats:
@@ -67,24 +71,26 @@ class _GatherChannels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, towers, tower, stats):
-        ctx.nhwc = _channels_last(x)
-        x = _channels_to_end(x) if ctx.nhwc else x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(towers)]
-        dist.all_gather(parts, x, group=group)
-        ctx.group, ctx.towers, ctx.tower, ctx.stats = group, towers, tower, stats
-        stats.count((towers - 1) * x.numel() * x.element_size())
-        if ctx.nhwc:
-            return torch.cat(parts, dim=3).permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
-        return torch.cat(parts, dim=1)
+        with record_function(PROFILE_LABEL):
+            ctx.nhwc = _channels_last(x)
+            x = _channels_to_end(x) if ctx.nhwc else x.contiguous()
+            parts = [torch.empty_like(x) for _ in range(towers)]
+            dist.all_gather(parts, x, group=group)
+            ctx.group, ctx.towers, ctx.tower, ctx.stats = group, towers, tower, stats
+            stats.count((towers - 1) * x.numel() * x.element_size())
+            if ctx.nhwc:
+                return torch.cat(parts, dim=3).permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
+            return torch.cat(parts, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = _channels_to_end(grad) if ctx.nhwc else grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        ctx.stats.count(2 * (ctx.towers - 1) * grad.numel() * grad.element_size() // ctx.towers)
-        if ctx.nhwc:
-            return grad.chunk(ctx.towers, dim=3)[ctx.tower].contiguous().permute(0, 3, 1, 2), None, None, None, None
-        return grad.chunk(ctx.towers, dim=1)[ctx.tower].contiguous(), None, None, None, None
+        with record_function(PROFILE_LABEL):
+            grad = _channels_to_end(grad) if ctx.nhwc else grad.contiguous()
+            dist.all_reduce(grad, group=ctx.group)
+            ctx.stats.count(2 * (ctx.towers - 1) * grad.numel() * grad.element_size() // ctx.towers)
+            if ctx.nhwc:
+                return grad.chunk(ctx.towers, dim=3)[ctx.tower].contiguous().permute(0, 3, 1, 2), None, None, None, None
+            return grad.chunk(ctx.towers, dim=1)[ctx.tower].contiguous(), None, None, None, None
 
 
 class _SumOverTowers(torch.autograd.Function):
@@ -93,10 +99,11 @@ class _SumOverTowers(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, towers, stats):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        stats.count(2 * (towers - 1) * x.numel() * x.element_size() // towers)
-        return x
+        with record_function(PROFILE_LABEL):
+            x = x.contiguous().clone()
+            dist.all_reduce(x, group=group)
+            stats.count(2 * (towers - 1) * x.numel() * x.element_size() // towers)
+            return x
 
     @staticmethod
     def backward(ctx, grad):
@@ -142,9 +149,11 @@ class TowerAlexNet(nn.Module):
         x = self._run(self._gather(x), "conv3", "flatten")  # exchange 1: conv3 input
         x = self._run(self._gather(x), "fc6", "drop6")  # exchange 2: fc6 input
         x = self._run(self._gather(x), "fc7", "drop7")  # exchange 3: fc7 input
-        partial = torch.nn.functional.linear(x, self.fc8.weight)
+        with record_function("compute:fc8"):  # called as a function, not a module: label it here
+            partial = torch.nn.functional.linear(x, self.fc8.weight)
         logits = _SumOverTowers.apply(partial, self.group, self.towers, self.stats)  # exchange 4
-        return logits + self.fc8.bias
+        with record_function("compute:fc8"):
+            return logits + self.fc8.bias
 
 
 def shard_state_dict(

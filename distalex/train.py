@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 from distalex import amp, checkpoint, determinism
 from distalex.config import to_container
@@ -28,8 +29,11 @@ from distalex.data import SharedCheck, build_data
 from distalex.elastic import restart_count
 from distalex.errors import Interrupted, NonFiniteLoss
 from distalex.evaluate import evaluate_accuracy
+from distalex.hostmem import keep_freed_memory
 from distalex.meters import TrainMeter
+from distalex.mfu import for_run
 from distalex.parallel import make_accelerator, setup
+from distalex.profiling import BACKWARD, StepProfiler
 from distalex.rundir import claim_output_dir, prepare_output_dir
 from distalex.schedule import LRSchedule
 from distalex.signals import GracefulStop
@@ -47,6 +51,8 @@ class Trainer:
             cfg, log_with="wandb" if cfg.tracking.wandb else None, project_dir=cfg.train.output_dir
         )
         self.placement = setup(cfg, self.accelerator)
+        if cfg.train.reuse_host_memory and self.placement.device.type == "cpu":
+            keep_freed_memory()
         for notice in self.placement.notices:
             self.accelerator.print(f"distalex: {notice}")
         # The run owns its output dir from here to its end (released by close(), or by
@@ -64,6 +70,8 @@ class Trainer:
         resume_path, saved = self._read_resume_checkpoint()
         self.data = self._build_data()
         prepare_output_dir(cfg, resume_path, self.placement, notify=self._warn)
+        self.utilization, peak_line = for_run(cfg, self.placement)
+        self.accelerator.print(f"distalex: {peak_line}")
 
         self.state = self._fresh_state()
         self.last_eval: dict = {}  # the newest evaluation row (checkpointed: see checkpoint.build_state)
@@ -84,6 +92,9 @@ class Trainer:
             cfg,
             {**self.run_info, "config": to_container(cfg)},
             run_name(cfg, self.placement.mesh.world_size, self.run_info["device"], self.run_info["mixed_precision"]),
+        )
+        self.profiler = StepProfiler(
+            cfg.train.profile, self.state.model, self.placement, cfg.train.output_dir, self.log.title
         )
 
     def close(self) -> None:
@@ -155,11 +166,12 @@ class Trainer:
             **determinism.describe(),
             "global_batch": cfg.train.batch_size,
             "device": device,
+            **self.utilization.run_info(),
         }
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> dict:
-        with GracefulStop() as stop, self._progress_bar() as progress:
+        with GracefulStop() as stop, self._progress_bar() as progress, self.profiler:
             # Until no step is left and the last one is evaluated (a run resumed after its
             # last step but before its last evaluation does only that evaluation).
             while self._steps_left() or self.last_eval.get("step") != self.state.position.step:
@@ -179,6 +191,7 @@ class Trainer:
         meter.start_clock()
         for x, y in self.data.train.epoch(pos.epoch, pos.batch):
             self.train_step(x, y)
+            self.profiler.after_step()
             pos.step += 1
             pos.batch += 1
             progress.update(1)
@@ -198,12 +211,14 @@ class Trainer:
             if pos.step >= self.max_steps:
                 break
         meter.stop_clock()
+        self.profiler.end_epoch()  # evaluation and checkpoints are not training steps
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with self.accelerator.autocast():
             logits = self.compiled_model(x)
             loss = F.cross_entropy(logits, y)
-        self.accelerator.backward(loss)
+        with record_function(BACKWARD):
+            self.accelerator.backward(loss)
         amp.optimizer_step(self.state.optimizer, self.state.scaler)  # fp16: one skip decision for all ranks
         self.state.optimizer.zero_grad(set_to_none=True)
         self.state.meter.update(loss, logits, y, self.state.position.step + 1)
@@ -217,7 +232,7 @@ class Trainer:
             "epoch": self._epoch_float(),
             "loss": interval.loss,
             "lr": self.state.schedule.lr,
-            "examples_per_sec": self.state.meter.examples_per_sec(),
+            **self._speed(self.state.meter.examples_per_sec()),
             **self.placement.comm_bytes_per_step(interval.steps),
         }
         if self.placement.device.type == "cuda":
@@ -234,7 +249,7 @@ class Trainer:
             "epoch": self._epoch_float(),
             "loss": figures.loss,
             "train_acc": figures.train_acc,
-            "examples_per_sec": figures.examples_per_sec,
+            **self._speed(figures.examples_per_sec),
             **self.evaluate(),
             "epoch_time_s": s.meter.train_time,
             "lr": s.schedule.lr,
@@ -295,7 +310,7 @@ class Trainer:
         train_time = s.totals.train_time + s.meter.train_time
         summary.update(
             {
-                "examples_per_sec": examples / max(train_time, 1e-9),
+                **self._speed(examples / max(train_time, 1e-9)),
                 "train_examples": examples,
                 "train_time_s": train_time,
                 "wall_time_s": self._wall_time(),
@@ -309,6 +324,10 @@ class Trainer:
         return summary
 
     # -- small helpers ------------------------------------------------------------------
+    def _speed(self, examples_per_sec: float) -> dict:
+        """examples/sec with the model TFLOP/s and MFU it stands for."""
+        return {"examples_per_sec": examples_per_sec, **self.utilization.figures(examples_per_sec)}
+
     def _epoch_float(self) -> float:
         p = self.state.position
         return p.epoch + p.batch / self.steps_per_epoch

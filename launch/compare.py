@@ -6,11 +6,16 @@
 Reads each run's ``summary.json`` (and ``metrics.jsonl`` for the curves),
 prints a table -- split mode, world size W, towers, precision, final test
 accuracy, training examples/sec, wall time, and the speed-up in examples/sec
-relative to the FIRST run -- and writes ``comparison.png`` (the runs' curves
-overlaid and a throughput bar chart) and ``comparison.json`` (the table's
-numbers).  ``--out`` is a directory for both files (default: the current
-directory), or a ``.png`` path (the JSON goes beside it with a ``.json``
-suffix).
+relative to the FIRST run, and MFU -- and writes ``comparison.png`` (the runs'
+curves overlaid and a throughput bar chart) and ``comparison.json`` (the
+table's numbers).  ``--out`` is a directory for both files (default: the
+current directory), or a ``.png`` path (the JSON goes beside it with a
+``.json`` suffix).
+
+Runs trained with ``train.profile=N`` have ``profile/summary.json``: their
+profiles are printed (milliseconds per step by category, per process) and drawn
+side by side, one bar per process, in ``comparison_profile.png`` beside the PNG.
+A profile that is not a readable distalex profile is skipped with a warning.
 
 Exit status: 0 success, 2 bad input (a missing run directory, a missing or
 unreadable summary.json), 1 other failure.
@@ -36,6 +41,7 @@ COLUMNS = [  # (header, key, format)
     ("examples/s", "examples_per_sec", "{:.1f}"),
     ("wall s", "wall_time_s", "{:.1f}"),
     ("speed-up", "speedup", "{:.2f}x"),
+    ("MFU", "mfu", "{:.1%}"),
 ]
 
 
@@ -83,8 +89,58 @@ def load_run(run_dir: str) -> dict:
         "test_acc": _number(summary.get("test_acc")),
         "examples_per_sec": _number(summary.get("examples_per_sec")),
         "wall_time_s": _number(summary.get("wall_time_s")),
+        "mfu": _number(summary.get("mfu")),
         "rows": _read_rows(path / "metrics.jsonl"),
+        "profile": load_profile(path / "profile" / "summary.json"),
     }
+
+
+def load_profile(path: Path) -> list | None:
+    """The per-process entries of a run's profile summary, or None (none, or not readable:
+    a warning, since the comparison itself does not need it)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        ranks = data["ranks"]
+        out = []
+        for r in ranks:
+            ms = {str(k): float(v) for k, v in r["ms_per_step"].items() if _number(v) is not None and v >= 0}
+            out.append({"rank": int(r["rank"]), "ms_per_step": ms})
+        if not out:
+            raise ValueError("no processes")
+        return out
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"compare: warning: skipping the profile '{path}' ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+def profile_groups(ms: dict) -> dict:
+    """compute / communication / data / other totals of one process's ms per step."""
+    out = {"compute": 0.0, "comm": 0.0, "data": 0.0, "other": 0.0}
+    for k, v in ms.items():
+        key = "comm" if k.startswith("comm:") else k if k in ("data", "other") else "compute"
+        out[key] += v
+    return out
+
+
+def format_profiles(runs: list[dict]) -> str:
+    lines = ["profiles (ms per training step, each process's main thread):"]
+    header = ["run", "rank", "step", "compute", "comm", "data", "other"]
+    cells = [header]
+    for r in runs:
+        for entry in r["profile"] or []:
+            g = profile_groups(entry["ms_per_step"])
+            total = sum(entry["ms_per_step"].values())
+            cells.append([r["label"], str(entry["rank"])] + [f"{x:.1f}" for x in (total, *g.values())])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def load_runs(run_dirs: list[str]) -> list[dict]:
@@ -158,13 +214,33 @@ def main(argv=None) -> int:
     from distalex.plots import plot_comparison
 
     table = [{k: v for k, v in r.items() if k != "rows"} for r in runs]
+    profiled = [r for r in runs if r["profile"]]
+    profile_png = png.with_name(png.stem + "_profile.png")
     try:
         plot_comparison(runs, png)
-        atomic_write(js, json.dumps({"baseline": runs[0]["dir"], "png": str(png), "runs": table}, indent=2) + "\n")
+        out = {"baseline": runs[0]["dir"], "png": str(png), "runs": table}
+        if profiled:
+            from distalex.plots import plot_profile
+            from distalex.profiling import ordered
+
+            bars = []
+            for r in profiled:
+                for entry in r["profile"]:
+                    ms = entry["ms_per_step"]
+                    bars.append(
+                        (f"{r['label']} - rank {entry['rank']}", {"ms_per_step": {k: ms[k] for k in ordered(ms)}})
+                    )
+            plot_profile(bars, profile_png, "profiles side by side: ms per training step on each process's main thread")
+            out["profile_png"] = str(profile_png)
+        atomic_write(js, json.dumps(out, indent=2) + "\n")
     except OSError as exc:
         print(f"compare: error: cannot write to '{args.out or '.'}' ({exc.strerror or exc})", file=sys.stderr)
         return 2
-    print(f"wrote {png} and {js}")
+    if profiled:
+        print(format_profiles(profiled))
+        print(f"wrote {png}, {profile_png} and {js}")
+    else:
+        print(f"wrote {png} and {js}")
     return 0
 
 

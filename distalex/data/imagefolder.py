@@ -30,6 +30,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
+from torch.autograd.profiler import record_function
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from distalex.data.common import Batch, DataBundle, GlobalBatchPlan, SharedCheck
@@ -378,11 +379,17 @@ class ImageFolderLoader:
         return x, y.to(self.device, non_blocking=self.pin)
 
     def _iterate(self, loader: DataLoader) -> Iterator[Batch]:
-        try:
-            for x, y in loader:
-                yield self._to_device(x, y)
-        except DataFailure as exc:
-            raise _one_line(exc) from None
+        batches = iter(loader)
+        while True:
+            with record_function("data:load"):  # profile label (distalex/profiling.py)
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    return
+                except DataFailure as exc:
+                    raise _one_line(exc) from None
+                batch = self._to_device(x, y)
+            yield batch
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         if self._train_loader is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 
 from distalex.data.common import Batch, GlobalBatchPlan
 
@@ -65,8 +66,11 @@ class DeviceLoader:
         return self.plan.batches_per_epoch
 
     def _batch(self, index: torch.Tensor) -> Batch:
-        x = resize_batch(self.data.images[index], self.image_size)
-        return x.contiguous(memory_format=self.memory_format), self.data.labels[index]
+        with record_function("data:gather"):  # profile labels (distalex/profiling.py)
+            images, labels = self.data.images[index], self.data.labels[index]
+        with record_function("data:resize"):
+            x = resize_batch(images, self.image_size).contiguous(memory_format=self.memory_format)
+        return x, labels
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         for index in self.plan.epoch_indices(epoch, start_batch):

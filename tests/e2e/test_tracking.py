@@ -199,6 +199,9 @@ def test_offline_wandb_run_has_run_facts_config_and_final_summary(offline_run):
     assert sorted(history) == sorted(by_step)
     for step, logged in history.items():
         assert logged == pytest.approx(by_step[step]), step
+    # MFU reaches wandb in every row and in the summary.
+    assert {"mfu", "tflops_per_sec", "flops_per_example"} <= set(run["summary"])
+    assert all({"mfu", "tflops_per_sec"} <= set(logged) for logged in history.values())
 
 
 @pytest.mark.parametrize("failure", ["unwritable_dir", "init_raises"])

@@ -42,6 +42,12 @@ def test_config_is_read_only():
         ("train.stop_check_every=0", "train.stop_check_every"),
         ("train.deterministic=maybe", "train.deterministic"),
         ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("train.profile=-1", "train.profile"),
+        ("train.peak_tflops=0", "train.peak_tflops"),
+        ("ddp.comm_hook=zstd", "ddp.comm_hook"),
+        ("ddp.bucket_cap_mb=0", "ddp.bucket_cap_mb"),
+        ("ddp.powersgd_rank=0", "ddp.powersgd_rank"),
+        ("ddp.powersgd_start_iter=1", "ddp.powersgd_start_iter"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -107,6 +107,7 @@ def test_compare_table_json_and_png(tmp_path, capsys, monkeypatch):
             "examples_per_sec": 700.0,
             "wall_time_s": 7.0,
             "mixed_precision": "bf16",
+            "mfu": 0.4567,
         },
         fake_rows(acc0=0.4),
     )
@@ -114,13 +115,54 @@ def test_compare_table_json_and_png(tmp_path, capsys, monkeypatch):
     assert compare.main([str(a), str(b)]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["single"], ["ddp"])}
-    assert rows["single"][1:] == ["single", "1", "1", "fp32", "0.8123", "400.0", "12.3", "1.00x"]
-    assert rows["ddp"][1:] == ["ddp", "2", "1", "bf16", "0.8000", "700.0", "7.0", "1.75x"]
+    assert rows["single"][1:] == ["single", "1", "1", "fp32", "0.8123", "400.0", "12.3", "1.00x", "-"]
+    assert rows["ddp"][1:] == ["ddp", "2", "1", "bf16", "0.8000", "700.0", "7.0", "1.75x", "45.7%"]
     report = json.loads((tmp_path / "comparison.json").read_text())
     assert [r["dir"] for r in report["runs"]] == [str(a), str(b)]
     assert report["runs"][1]["speedup"] == pytest.approx(1.75)
     assert report["runs"][0]["test_acc"] == SUMMARY["test_acc"]
     assert png_size(tmp_path / "comparison.png")[0] > 10000
+
+
+def write_profile(run, ranks):
+    prof = run / "profile"
+    prof.mkdir()
+    entries = [{"rank": r, "step_ms": sum(ms.values()), "ms_per_step": ms} for r, ms in enumerate(ranks)]
+    (prof / "summary.json").write_text(json.dumps({"steps": 3, "ranks": entries}))
+
+
+def test_compare_shows_profiles_side_by_side(tmp_path, capsys):
+    a = write_run(tmp_path / "single", SUMMARY, fake_rows())
+    b = write_run(tmp_path / "mp", {**SUMMARY, "split_mode": "model-parallel", "world_size": 2}, fake_rows())
+    c = write_run(tmp_path / "plain", SUMMARY, fake_rows())  # no profile
+    write_profile(a, [{"data": 1.0, "conv1": 30.0, "fc6": 10.0, "optimizer": 2.0, "other": 3.0}])
+    both = {"data": 1.0, "conv1": 15.0, "fc6": 5.0, "comm:tower": 12.0, "other": 4.0}
+    write_profile(b, [both, {**both, "comm:tower": 14.0}])
+    assert compare.main([str(a), str(b), str(c), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    table = {tuple(ln.split()[:2]): ln.split()[2:] for ln in out.splitlines() if ln.split()[:1] in (["single"], ["mp"])}
+    # run, rank -> step, compute, comm, data, other (ms per step)
+    assert table[("single", "0")] == ["46.0", "42.0", "0.0", "1.0", "3.0"]
+    assert table[("mp", "0")] == ["37.0", "20.0", "12.0", "1.0", "4.0"]
+    assert table[("mp", "1")] == ["39.0", "20.0", "14.0", "1.0", "4.0"]
+    report = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert report["profile_png"] == str(tmp_path / "out" / "comparison_profile.png")
+    _, width, height = png_size(tmp_path / "out" / "comparison_profile.png")
+    assert width > 300 and height > 150
+
+
+@pytest.mark.parametrize(
+    "content", ["not json", "[]", '{"ranks": 3}', '{"ranks": [{"rank": 0}]}', '{"ranks": []}', '{"ranks": [1]}']
+)
+def test_compare_skips_an_unreadable_profile_with_a_warning(tmp_path, capsys, content):
+    a = write_run(tmp_path / "a", SUMMARY, fake_rows())
+    (a / "profile").mkdir()
+    (a / "profile" / "summary.json").write_text(content)
+    assert compare.main([str(a), "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    warnings = [ln for ln in captured.err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "skipping the profile" in warnings[0]
+    assert not (tmp_path / "out" / "comparison_profile.png").exists()
 
 
 def test_compare_out_png_path_and_duplicate_labels(tmp_path, capsys):

@@ -1,0 +1,58 @@
+"""bench/bench.py's arithmetic without running a benchmark: per-step times from a
+run's records, and the TFLOP/s and MFU columns."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from distalex.flops import training_flops
+from distalex.model import AlexNetSpec
+
+from helpers import ROOT
+
+spec = importlib.util.spec_from_file_location("distalex_bench", ROOT / "bench" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_step_times_from_the_cumulative_rates(tmp_path):
+    # Steps of 2 s, then 1 s, then 1 s at batch 128: cumulative examples/sec after each step.
+    ends = [2.0, 3.0, 4.0]
+    rows = [
+        {"step": k + 1, "epoch": 0.1, "loss": 1.0, "examples_per_sec": (k + 1) * 128 / t} for k, t in enumerate(ends)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "summary.json").write_text(json.dumps({"global_batch": 128, "examples_per_sec": 96.0}))
+    r = bench.read_distalex(tmp_path)
+    assert r["step_times_s"] == [2.0, 1.0, 1.0]
+    assert r["steady"] == pytest.approx(2 * 128 / 2.0)  # the steps after the first
+
+
+def test_mfu_columns_use_one_peak_per_precision_and_thread_count(monkeypatch):
+    peaks = {("no", 2): 0.2, ("no", 1): 0.1, ("bf16", 2): 0.4}
+    calls = []
+
+    def fake_peak(device_peak, precision, threads):
+        calls.append((precision, threads))
+        return peaks[precision, threads]
+
+    monkeypatch.setattr(bench, "_peak", fake_peak)
+    rows = {
+        "a": {"train": 30.0, "steady": 31.0, "processes": 1, "threads_per_process": 2, "mixed_precision": "no"},
+        "b": {"train": 60.0, "steady": 62.0, "processes": 1, "threads_per_process": 2, "mixed_precision": "bf16",
+              "flops_per_example": 5_000_000_000},
+        "c": {"train": 50.0, "steady": None, "processes": 2, "threads_per_process": 1, "mixed_precision": "no",
+              "flops_per_example": 5_000_000_000},
+        "z": {"error": "failed", "processes": 1, "threads_per_process": 2},
+    }  # fmt: skip
+    bench.add_mfu(rows, {"image_size": 224})
+    seed = training_flops(AlexNetSpec(image_size=224))  # the baseline row is the seed's network
+    assert math.isclose(rows["a"]["tflops_per_sec"], 30.0 * seed / 1e12)
+    assert math.isclose(rows["a"]["mfu"], 30.0 * seed / 1e12 / 0.2)
+    assert math.isclose(rows["a"]["mfu_steady"], 31.0 * seed / 1e12 / 0.2)
+    assert math.isclose(rows["b"]["mfu"], 0.3 / 0.4)
+    assert math.isclose(rows["c"]["mfu"], 0.25 / (2 * 0.1)) and "mfu_steady" not in rows["c"]
+    assert "mfu" not in rows["z"]
+    assert sorted(calls) == sorted(peaks)  # each peak once
