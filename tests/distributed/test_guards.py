@@ -1,0 +1,18 @@
+"""The loss guard across ranks: a non-finite loss on one replica stops every rank, and every rank
+names the same step, the earliest one (real Trainer on gloo ranks, spawned)."""
+
+import torch.multiprocessing as mp
+
+import trainer_workers as w
+from helpers import free_port
+
+
+def test_nan_loss_on_one_replica_stops_every_rank_at_that_step(tmp_path):
+    world, nan_rank, nan_step = 2, 1, 2
+    mp.spawn(w.nan_loss_on_one_rank, args=(world, free_port(), str(tmp_path), nan_rank, nan_step), nprocs=world)
+    expected = (
+        f"NonFiniteLoss: loss is not finite at step {nan_step}; stopping. "
+        f"The last good checkpoint is kept in {tmp_path / 'run' / 'checkpoints'}"
+    )
+    outcomes = [(tmp_path / f"outcome{r}.txt").read_text() for r in range(world)]
+    assert outcomes == [expected] * world
