@@ -44,7 +44,9 @@ SETTINGS = [
 
 
 def saved(out, step: int) -> dict:
-    return read(checkpoint_dir(str(out)) / f"step_{step:09d}.pt")
+    """The checkpoint of ``step`` (whatever its extension)."""
+    (path,) = checkpoint_dir(str(out)).glob(f"step_{step:09d}.*")
+    return read(path)
 
 
 def model_from(state: dict) -> AlexNet:

@@ -96,10 +96,15 @@ def inner_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
     return getattr(trainer.state.optimizer, "optimizer", trainer.state.optimizer)
 
 
+def checkpoint_path(out, step: int):
+    """The checkpoint file of ``step`` (whatever its extension)."""
+    found = sorted(checkpoint_dir(str(out)).glob(f"step_{step:09d}.*"))
+    assert len(found) == 1, f"no checkpoint for step {step} in {out}"
+    return found[0]
+
+
 def checkpoint_at(out, step: int) -> dict:
-    path = checkpoint_dir(str(out)) / f"step_{step:09d}.pt"
-    assert path.is_file(), f"no checkpoint for step {step}"
-    return read(path)
+    return read(checkpoint_path(out, step))
 
 
 def saved_model(saved: dict) -> AlexNet:
@@ -183,9 +188,7 @@ def test_resumed_single_run_continues_the_handwritten_loop(tmp_path):
     rec = Recorder(trainer.state.model)
     trainer.fit()
 
-    resumed = make_trainer(
-        tmp_path / "resumed", *recipe, f"train.resume={checkpoint_dir(str(whole))}/step_000000004.pt"
-    )
+    resumed = make_trainer(tmp_path / "resumed", *recipe, f"train.resume={checkpoint_path(whole, 4)}")
     assert resumed.state.position.step == 4
     rec2 = Recorder(resumed.state.model)
     resumed.fit()
