@@ -9,8 +9,8 @@ with ``pytest -x`` (a caught mutant stops at its first failing test) and records
 caught / missed, the first failing test and the time taken.
 
 The selection of a mutant is the existing tests that could plausibly catch it
-(``tests`` below) followed by the oracle tests (``ORACLES``) when the copy has
-them, so one list serves a run on a commit before the oracles and one after::
+(``tests`` below) plus the oracle tests (``ORACLES``) when the copy has them, so
+one list serves a run on a commit before the oracles and one after::
 
     python scripts/mutants.py --list
     python scripts/mutants.py --ref f225bd0 --out before.json   # before the oracles
@@ -176,6 +176,14 @@ MUTANTS = [
         LOOP,
         "the rate is cut one stalled epoch early",
     ),
+    Mutant(
+        "parameter-guard-any-instead-of-all",
+        "distalex/train.py",
+        "finite = all(bool(torch.isfinite(p).all()) for p in self.state.model.parameters())",
+        "finite = all(bool(torch.isfinite(p).any()) for p in self.state.model.parameters())",
+        LOOP,
+        "the parameter guard passes a tensor with one finite element",
+    ),
     # -- meters / logged figures -------------------------------------------------------------------
     Mutant(
         "interval-never-reset",
@@ -305,10 +313,10 @@ def scratch_copy(ref: str, dest: Path) -> None:
 
 
 def selection(m: Mutant, copy: Path, oracles: bool) -> list:
-    tests = list(m.tests)
-    if oracles:
-        tests += [t for t in ORACLES if (copy / t.split("::")[0]).exists()]
-    return list(dict.fromkeys(tests))
+    """The oracles present in the copy (first: they are the quick ones), then the mutant's own tests.
+    The order changes only how soon ``pytest -x`` stops, never the verdict."""
+    tests = [t for t in ORACLES if (copy / t.split("::")[0]).exists()] if oracles else []
+    return list(dict.fromkeys(tests + list(m.tests)))
 
 
 def run_pytest(copy: Path, tests: list, timeout: float) -> tuple:

@@ -37,6 +37,7 @@ def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
         LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        CUDA_VISIBLE_DEVICES="",  # gloo on the CPU on any machine (read when CUDA first initialises)
     )
     torch.set_num_threads(1)
     from distalex.config import load_config

@@ -55,6 +55,13 @@ BASE = [
 STEPS_PER_EPOCH = 3
 
 
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    """Pin the in-process trainer to the CPU, as cli_env pins the CLI's processes: the oracles
+    compare against CPU batches and the CPU RNG's dropout masks on any machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def make_trainer(out, *overrides) -> Trainer:
     cfg = load_config(TINY, [*BASE, f"train.output_dir={out}", *overrides])
     return Trainer(cfg)
