@@ -124,13 +124,13 @@ def saved_model(saved: dict) -> AlexNet:
 # --------------------------------------------------------------------------- one step = the chapter's step
 
 
-def replay(trainer_cfg, start_model, calls, batches, from_step=1):
+def replay(trainer_cfg, start_model, calls, batches):
     """The chapter's loop over ``batches`` on a copy of ``start_model``, with each step's dropout
     masks taken from the RNG state distalex's forward started from.  Yields per step
     (step, loss, logits, model, optimizer) after the step."""
     model = copy.deepcopy(start_model)
     opt = reference_sgd(model, trainer_cfg.optim)
-    for k, ((_, x, y), call) in enumerate(zip(batches, calls, strict=True), start=from_step):
+    for k, ((_, x, y), call) in enumerate(zip(batches, calls, strict=True), start=1):
         assert torch.equal(call.x, x), f"step {k}: distalex trained on another batch"
         torch.set_rng_state(call.rng)
         loss, logits = reference_step(model, opt, x, y)
@@ -179,8 +179,6 @@ def test_single_steps_equal_handwritten_sgd_steps(tmp_path, recipe):
     for k, loss, logits, model, opt in replay(cfg, start_model, rec.training, batches):
         torch.testing.assert_close(rec.training[k - 1].logits, logits, rtol=1e-4, atol=1e-5)
         assert losses[k] == pytest.approx(loss, rel=1e-5, abs=1e-7), f"step {k}"
-        for group in opt.param_groups:
-            assert group["lr"] == cfg.optim.lr
         assert_state_equals_reference(checkpoint_at(out, k), start, model, opt, k)
 
 
