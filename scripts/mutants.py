@@ -320,21 +320,22 @@ def selection(m: Mutant, copy: Path, oracles: bool) -> list:
 
 
 def run_pytest(copy: Path, tests: list, timeout: float) -> tuple:
-    """(outcome, first failing test, seconds): outcome is pass, fail, timeout or error."""
+    """(outcome, first failing test, seconds, output tail): outcome is pass, fail, timeout or error."""
     env = dict(os.environ, PYTHONPATH=str(copy), WANDB_MODE="disabled", PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return "timeout", None, time.time() - t0
+        return "timeout", None, time.time() - t0, ""
     seconds = time.time() - t0
     failed = next((ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith(("FAILED ", "ERROR "))), None)
     outcome = {0: "pass", 1: "fail"}.get(proc.returncode, "error")
     if outcome == "error":
         failed = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [f"pytest exit {proc.returncode}"]
         failed = failed[0]
-    return outcome, failed, seconds
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:]) if outcome != "pass" else ""
+    return outcome, failed, seconds, tail
 
 
 def apply(copy: Path, m: Mutant) -> str:
@@ -379,8 +380,8 @@ def main(argv=None) -> int:
         if not args.no_baseline:
             union = list(dict.fromkeys(t for m in chosen for t in selection(m, copy, not args.no_oracles)))
             print(f"baseline: {len(union)} test paths unmutated ...", flush=True)
-            outcome, failed, seconds = run_pytest(copy, union, args.timeout * 2)
-            report["baseline"] = {"outcome": outcome, "failed": failed, "seconds": round(seconds)}
+            outcome, failed, seconds, tail = run_pytest(copy, union, args.timeout * 2)
+            report["baseline"] = {"outcome": outcome, "failed": failed, "seconds": round(seconds), "output": tail}
             print(f"baseline: {outcome} in {seconds:.0f} s {failed or ''}", flush=True)
             if outcome != "pass":
                 _write(args.out, report)
@@ -389,12 +390,19 @@ def main(argv=None) -> int:
             tests = selection(m, copy, not args.no_oracles)
             original = apply(copy, m)
             try:
-                outcome, failed, seconds = run_pytest(copy, tests, args.timeout)
+                outcome, failed, seconds, tail = run_pytest(copy, tests, args.timeout)
             finally:
                 (copy / m.file).write_text(original)
             verdict = {"fail": "caught", "pass": "missed"}.get(outcome, outcome)
             report["mutants"].append(
-                {**asdict(m), "tests": tests, "verdict": verdict, "caught_by": failed, "seconds": round(seconds)}
+                {
+                    **asdict(m),
+                    "tests": tests,
+                    "verdict": verdict,
+                    "caught_by": failed,
+                    "seconds": round(seconds),
+                    "output": tail,  # the end of pytest's report (why it failed)
+                }
             )
             print(f"[{i}/{len(chosen)}] {m.name}: {verdict} in {seconds:.0f} s {failed or ''}", flush=True)
             _write(args.out, report)
