@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+_NO_STEP = 2**62  # larger than any step: "no non-finite loss on this rank"
+
 
 @dataclass(frozen=True)
 class IntervalFigures:
@@ -67,9 +69,11 @@ class TrainMeter:
 
     # -- reads (host syncs; collectives over replicas) ------------------------------
     def first_bad_step(self) -> int:
-        """Step of the first non-finite loss on any rank, or -1."""
+        """Step of the first non-finite loss on any rank, or -1; the same on every rank (each
+        replica has losses of its own, so one replica's NaN must stop them all)."""
         bad = int(self._bad_step.item())
-        return bad if self.placement.any_rank(bad >= 0) else -1
+        earliest = self.placement.min_over_ranks(bad if bad >= 0 else _NO_STEP)
+        return -1 if earliest == _NO_STEP else earliest
 
     def read_interval(self) -> IntervalFigures:
         """The figures since the last call (a collective over replicas); starts a new interval."""

@@ -204,18 +204,17 @@ class Placement:
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when it is True on any (signals, NaN guard).  On CPU
         tensors over a gloo group, so it never waits for the GPU's queue."""
-        if self.mesh.world_size == 1:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(t.item())
+        return bool(self._reduce_host(int(flag), dist.ReduceOp.MAX))
 
     def min_over_ranks(self, value: int) -> int:
-        """The smallest ``value`` over all ranks (on every rank), over the gloo control group."""
+        """The smallest of one integer over all ranks, on every rank (like :meth:`any_rank`)."""
+        return self._reduce_host(value, dist.ReduceOp.MIN)
+
+    def _reduce_host(self, value: int, op) -> int:
         if self.mesh.world_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control_group)
+        dist.all_reduce(t, op=op, group=self.control_group)
         return int(t.item())
 
     def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -187,3 +187,50 @@ def device_loader(dataset, global_batch, image_size, seed, device, replica=0, re
 
     plan = GlobalBatchPlan(len(dataset), global_batch, replica, replicas, seed)
     return DeviceLoader(dataset, plan, image_size, device, channels_last=channels_last)
+
+
+# --------------------------------------------------------------------------- absolute references
+# The d2l chapter's training loop and accuracy, written from scratch with plain PyTorch.  They share
+# nothing with distalex's loop, meters or evaluation, so a bug that every placement shares (and that
+# comparisons between placements therefore cannot see) shows up as a difference from these.
+
+
+def reference_sgd(model, optim_cfg):
+    """``torch.optim.SGD`` built from the config's optim section, as the chapter builds it."""
+    import torch
+
+    o = optim_cfg
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def reference_step(model, optimizer, x, y):
+    """One step of the chapter's loop: forward, cross-entropy, backward, SGD step.  Returns (loss, logits)."""
+    import torch.nn.functional as F
+
+    model.train()
+    optimizer.zero_grad()
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), logits.detach()
+
+
+def reference_counts(model, batches, k=5) -> tuple:
+    """(top-1 hits, top-k hits, examples) of ``model`` in eval mode over (images, labels) batches."""
+    import torch
+
+    model.eval()
+    top1 = topk = n = 0
+    with torch.no_grad():
+        for x, y in batches:
+            best = model(x).topk(k, dim=1).indices
+            top1 += int((best[:, 0] == y).sum())
+            topk += int((best == y[:, None]).any(1).sum())
+            n += len(y)
+    return top1, topk, n
+
+
+def rel_err(a, b) -> float:
+    """|a - b| / |b| (Frobenius norms)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,74 @@
+"""Worker bodies that run distalex's real Trainer on one gloo rank each (spawned processes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from helpers import TINY
+
+# 96 synthetic images in global batches of 32: 3 steps per epoch; fp32, no records but metrics.
+SETTINGS = [
+    "tracking.wandb=false",
+    "tracking.plots=false",
+    "train.progress=false",
+    "train.mixed_precision=no",
+    "data.name=synthetic",
+    "data.synthetic_train_size=96",
+    "data.synthetic_test_size=32",
+    "train.batch_size=32",
+    "train.epochs=3",
+    "train.log_every=100",
+    "train.checkpoint_every=1",
+    "train.timeout_s=60",
+]
+
+
+def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
+    """ddp on ``world`` ranks; the loss of step ``nan_step`` is NaN on rank ``nan_rank`` only, and that
+    step's update is skipped on every rank (the weights stay finite, as with a gradient scaler).
+    Writes what ``fit()`` ended with to ``out_dir/outcome{rank}.txt``."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CUDA_VISIBLE_DEVICES="",  # gloo on the CPU on any machine (read when CUDA first initialises)
+    )
+    torch.set_num_threads(1)
+    from distalex.config import load_config
+    from distalex.parallel import shutdown
+    from distalex.train import Trainer
+
+    outcome = "finished"
+    try:
+        cfg = load_config(TINY, [*SETTINGS, f"train.output_dir={out_dir}/run"], split_mode="ddp")
+        trainer = Trainer(cfg)
+        forwards = {"n": 0}
+
+        def poison(module, inputs, output):
+            if module.training:
+                forwards["n"] += 1
+                if forwards["n"] == nan_step and rank == nan_rank:
+                    return output + float("nan")
+            return None
+
+        def skip_update(opt, args, kwargs):
+            if forwards["n"] == nan_step:
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+
+        trainer.state.model.register_forward_hook(poison)
+        optimizer = getattr(trainer.state.optimizer, "optimizer", trainer.state.optimizer)
+        optimizer.register_step_pre_hook(skip_update)
+        trainer.fit()
+    except Exception as exc:  # recorded for the test to judge
+        outcome = f"{type(exc).__name__}: {exc}"
+    finally:
+        shutdown()
+        Path(out_dir, f"outcome{rank}.txt").write_text(outcome)
