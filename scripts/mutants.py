@@ -130,8 +130,8 @@ MUTANTS = [
     Mutant(
         "zero-grad-missing",
         "distalex/train.py",
-        "        self.state.optimizer.step()\n        self.state.optimizer.zero_grad(set_to_none=True)\n",
-        "        self.state.optimizer.step()\n",
+        "        self.state.optimizer.zero_grad(set_to_none=True)\n",
+        "",
         LOOP,
         "gradients accumulate over steps",
     ),
