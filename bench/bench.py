@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""Benchmark: distalex against the seed's pipeline, side by side in one invocation.
+"""Benchmark: distalex against the d2l baseline pipeline, side by side in one invocation.
 
     python bench/bench.py [--quick] [--out bench/results/bench.json]
     python bench/bench.py --ablation [--quick] [--out bench/results/ablation.json]
     python bench/bench.py --ddp-hooks [--quick]     (adds a ddp row per ddp.comm_hook)
 
-Rows of the benchmark (issue 7 §3 and issue 3's "Benchmark"), all on the same
+Rows of the benchmark, all on the same
 short schedule: the first ``steps x 128`` images of real Fashion-MNIST at 224x224,
 one pass (``steps`` optimizer steps of the global batch 128), then the test
-accuracy on the first ``test_limit`` test images; plain SGD lr 0.01 as the seed.
+accuracy on the first ``test_limit`` test images; plain SGD lr 0.01 as d2l.
 
-  (a) baseline   the seed's pipeline (bench/seed_baseline.py): PIL Resize + ToTensor
+  (a) baseline   the d2l baseline pipeline (bench/d2l_baseline.py): PIL Resize + ToTensor
                  in a 4-worker DataLoader, fp32, d2l's train_ch6 loop
   (b) single     distalex, one process, its default fast paths (plus any --set)
   (c) ddp        distalex, 2 processes (gloo), DDP
@@ -72,7 +72,7 @@ from distalex.io import read_jsonl, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
-BASELINE = str(ROOT / "bench" / "seed_baseline.py")
+BASELINE = str(ROOT / "bench" / "d2l_baseline.py")
 TINY = str(ROOT / "configs" / "tiny.yaml")
 BATCH = 128
 
@@ -206,7 +206,7 @@ def run_baseline(sched: dict, work: Path, timeout: float) -> dict:
     rc, proc_s = run_proc(cmd, env_for(cores()), work / "baseline.log", timeout)
     row = {
         "name": "a",
-        "label": "baseline (seed pipeline)",
+        "label": "d2l baseline pipeline",
         "command": shlex.join(cmd),
         "processes": 1,
         "threads_per_process": cores(),
@@ -540,20 +540,20 @@ def bench(args, sched, work) -> dict:
             + [fmt(rr["steady/a"])]
         )
     text += "\n" + print_table(
-        "\nratios (row / reference): vs (a) the seed's pipeline, (b) distalex single, (e) single towers=2",
+        "\nratios (row / reference): vs (a) the d2l baseline pipeline, (b) distalex single, (e) single towers=2",
         ["row", "what", "train/a", "train/b", "train/e", "e2e/a", "e2e/b", "e2e/e", "steady/a"],
         lines,
     )
     targets = {
-        "issue7: single e2e >= 4x baseline": ratios["b"]["e2e/a"],
-        "issue7: single test_acc within 1 point of baseline": (
+        "single e2e >= 4x baseline": ratios["b"]["e2e/a"],
+        "single test_acc within 1 point of baseline": (
             None
             if rows["b"].get("test_acc") is None or rows["a"].get("test_acc") is None
             else rows["b"]["test_acc"] - rows["a"]["test_acc"]
         ),
-        "issue7: ddp train >= 0.85x single": ratios["c"]["train/b"],
-        "issue7: model-parallel train >= 0.85x single": ratios["d"]["train/b"],
-        "issue3: model-parallel train >= 0.9x single towers=2": ratios["d"]["train/e"],
+        "ddp train >= 0.85x single": ratios["c"]["train/b"],
+        "model-parallel train >= 0.85x single": ratios["d"]["train/b"],
+        "model-parallel train >= 0.9x single towers=2": ratios["d"]["train/e"],
         "hybrid train >= ddp train at equal cores (f / c)": ratio(rows, "f", "c", "train"),
         "hybrid train >= 0.9x single (f / b)": ratios["f"]["train/b"],
         # channels_last kept across the tower exchanges: what the layout buys model-parallel

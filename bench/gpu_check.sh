@@ -3,10 +3,10 @@
 # (bench/gpu_readiness.py: auto precision on this card, more processes than GPUs
 # refused, channels_last and the fp16 skip decision across two tower processes
 # sharing the card, an fp16 run, bitwise resume with train.deterministic, and the
-# layout cost the exchange no longer pays), then the seed experiment with distalex
+# layout cost the exchange no longer pays), then the d2l experiment with distalex
 # (default config = d2l's AlexNet chapter: 10 epochs, full Fashion-MNIST at 224,
-# batch 128, SGD lr 0.01) with the GPU fast paths, then ONE epoch of the seed's
-# own pipeline (bench/seed_baseline.py: PIL Resize+ToTensor, 4 DataLoader
+# batch 128, SGD lr 0.01) with the GPU fast paths, then ONE epoch of d2l's
+# own pipeline (bench/d2l_baseline.py: PIL Resize+ToTensor, 4 DataLoader
 # workers, fp32 train_ch6).  Prints test accuracy, the distalex wall time and the
 # throughput ratios (end to end and training steps only).  Installs nothing.
 #
@@ -14,21 +14,21 @@
 #   EPOCHS=3 bash bench/gpu_check.sh        # shorter, if the lease is tight
 #
 # Time: the readiness checks take ~2-3 min (mostly process start-ups); on an
-# H100 the distalex part should take ~1-3 min for 10 epochs (the seed net is
+# H100 the distalex part should take ~1-3 min for 10 epochs (the d2l net is
 # ~5.6 GFLOP per image, 600k images) and the baseline epoch well under a
 # minute.  Each part has its own `timeout` (READINESS_TIMEOUT, DISTALEX_TIMEOUT,
 # BASELINE_TIMEOUT; defaults 200 s, 240 s and 100 s, plus 10/30/10 s grace, so
 # the script ends within ~9.8 min whatever happens: give run() timeout_s=600).
 # If distalex hits its limit it is stopped with SIGTERM, writes a checkpoint
 # and the script reports the epochs it finished.
-# PARTS="readiness seed baseline" (default: all three) picks the parts to run;
+# PARTS="readiness d2l baseline" (default: all three) picks the parts to run;
 # PARTS=readiness alone (~3 min) runs only the readiness checks.
 #
 # Environment (all optional):
-#   EPOCHS=10            distalex epochs (the seed's 10)
+#   EPOCHS=10            distalex epochs (d2l's 10)
 #   FAST="train.mixed_precision=bf16 train.channels_last=true"   distalex fast paths
 #   EXTRA=""             more distalex overrides (e.g. data.train_limit=2048 for a dry run)
-#   BASELINE_ARGS=""     more bench/seed_baseline.py arguments (e.g. --train-limit 2048)
+#   BASELINE_ARGS=""     more bench/d2l_baseline.py arguments (e.g. --train-limit 2048)
 #   PYTHON=python3       interpreter with torch, torchvision, accelerate (the device image has them)
 #   DISTALEX_DATA        folder with the four Fashion-MNIST IDX files (.gz or unpacked)
 #   OUT=/tmp/gpu_check   where the small result files go (gpu_check.json, gpu_readiness.json, logs, metrics)
@@ -51,7 +51,7 @@ BASELINE_ARGS="${BASELINE_ARGS:-}"
 READINESS_TIMEOUT="${READINESS_TIMEOUT:-200}"
 DISTALEX_TIMEOUT="${DISTALEX_TIMEOUT:-240}"
 BASELINE_TIMEOUT="${BASELINE_TIMEOUT:-100}"
-PARTS="${PARTS:-readiness seed baseline}"
+PARTS="${PARTS:-readiness d2l baseline}"
 OUT="${OUT:-/tmp/gpu_check}"
 RUNS="${RUNS:-/tmp/gpu_check_runs}"      # checkpoints (~190 MB each) stay out of $OUT
 PY="${PYTHON:-python3}"
@@ -117,9 +117,9 @@ if part readiness; then
     echo "gpu_check: readiness exit $RD_RC (details: $OUT/gpu_readiness.json, $OUT/readiness.log)"
 fi
 
-# ---------------------------------------------------------------- distalex: the seed experiment
+# ---------------------------------------------------------------- distalex: the d2l experiment
 DX_RC=0; BL_RC=0; t0=$(now); t1=$t0; t2=$t0; t3=$t0
-if part seed; then
+if part d2l; then
 DIR="$RUNS/distalex"
 rm -rf "$DIR"
 echo "gpu_check: distalex, $EPOCHS epochs: $FAST $EXTRA" 
@@ -136,13 +136,13 @@ cp "$DIR/summary.json" "$OUT/distalex_summary.json" 2>/dev/null
 cp "$DIR/metrics.jsonl" "$OUT/distalex_metrics.jsonl" 2>/dev/null
 fi
 
-# ---------------------------------------------------------------- baseline: one epoch of the seed's pipeline
+# ---------------------------------------------------------------- baseline: one epoch of the d2l baseline pipeline
 if part baseline; then
-echo "gpu_check: baseline (seed pipeline), 1 epoch"
+echo "gpu_check: d2l baseline pipeline, 1 epoch"
 t2=$(now)
 # shellcheck disable=SC2086
 timeout --signal=TERM --kill-after=10 "$BASELINE_TIMEOUT" \
-    "$PY" bench/seed_baseline.py --epochs 1 --cache-dir "$RUNS/fmnist-cache" --json-out "$OUT/baseline.json" \
+    "$PY" bench/d2l_baseline.py --epochs 1 --cache-dir "$RUNS/fmnist-cache" --json-out "$OUT/baseline.json" \
     $BASELINE_ARGS 2>&1 | tee "$OUT/baseline.log" | grep -v -i warn
 BL_RC=${PIPESTATUS[0]}
 t3=$(now)

@@ -51,14 +51,14 @@ MAX_TIMEOUT_S = 30 * 24 * 3600
 @dataclass
 class ModelConfig:
     # Towers of the paper's layout (§3.5).  Unset: 2 (the paper's) for
-    # model-parallel, 1 (the seed's single net) for single, ddp and hybrid.
+    # model-parallel, 1 (the d2l network) for single, ddp and hybrid.
     towers: Optional[int] = None
     width: float = 1.0  # channel/unit multiplier, 1.0 = the paper's widths
     dropout: float = 0.5
     lrn: bool = False  # per-tower LRN after conv1/conv2 (paper §3.3)
     in_channels: int = 1
     num_classes: int = 10
-    conv1_padding: int = 1  # the seed pads 1; the paper's 55x55 maps need 2 at 224
+    conv1_padding: int = 1  # d2l pads 1; the paper's 55x55 maps need 2 at 224
     init: str = "xavier"  # "xavier" (d2l) or "paper" (N(0, 0.01), biases 1 in conv2/4/5, fc6/7)
 
 

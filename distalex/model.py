@@ -8,7 +8,7 @@ channels are laid out tower-major (tower 0's slice first), which is what lets
 :mod:`distalex.towers` map weights to towers one to one.
 
 With the default options (towers 1, width 1, no LRN, 1x224x224 input) this is
-exactly the seed's ``nn.Sequential`` from d2l: same layers, same order,
+exactly d2l's ``nn.Sequential`` from d2l: same layers, same order,
 46,764,746 parameters.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from distalex.errors import ModelSpecError
 
-# The paper's widths (= the d2l seed's): conv1..conv5 channels, fc6/fc7 units.
+# The paper's widths (= the d2l d2l's): conv1..conv5 channels, fc6/fc7 units.
 PAPER_CONV = (96, 256, 384, 384, 256)
 PAPER_FC = 4096
 # LRN constants of §3.3.  The paper divides by (k + alpha * sum)^beta; PyTorch

@@ -16,8 +16,8 @@ Table 2 is a MODEL, not a measurement:
 
 T_1 is a measured single-device step time (``--from-run``: a finished
 ``single`` run's summary.json, T_1 = global batch / examples_per_sec; or
-``--step-time``; by default d2l's published V100 figure for the seed
-experiment, 4107 examples/s at batch 128), S_W the bytes one process sends per
+``--step-time``; by default d2l's published V100 figure for the d2l experiment
+(4107 examples/s at batch 128), S_W the bytes one process sends per
 step (table 1) and beta one process's link bandwidth in one direction. It
 assumes the arithmetic divides perfectly over the W processes, no overlap of
 communication with computation, no latency, and each process a link of its own
@@ -41,7 +41,7 @@ WORLD_SIZES = (2, 4, 8, 16)
 # One direction, per process.  NVLink 4 (H100 SXM): 900 GB/s both directions;
 # PCIe 4.0 x16: 31.5 GB/s; InfiniBand 100 Gb/s (EDR): 12.5 GB/s.
 LINKS = {"NVLink 4": 450e9, "PCIe 4.0 x16": 31.5e9, "InfiniBand 100 Gb/s": 12.5e9}
-# d2l's published figure for the seed experiment on one V100 (the lowest of its runs).
+# d2l's published figure for the d2l experiment on one V100 (the lowest of its runs).
 D2L_V100_EXAMPLES_PER_SEC = 4107.0
 
 

@@ -48,7 +48,7 @@ def test_mfu_columns_use_one_peak_per_precision_and_thread_count(monkeypatch):
         "z": {"error": "failed", "processes": 1, "threads_per_process": 2},
     }  # fmt: skip
     bench.add_mfu(rows, {"image_size": 224})
-    seed = training_flops(AlexNetSpec(image_size=224))  # the baseline row is the seed's network
+    seed = training_flops(AlexNetSpec(image_size=224))  # the baseline row is the d2l network
     assert math.isclose(rows["a"]["tflops_per_sec"], 30.0 * seed / 1e12)
     assert math.isclose(rows["a"]["mfu"], 30.0 * seed / 1e12 / 0.2)
     assert math.isclose(rows["a"]["mfu_steady"], 31.0 * seed / 1e12 / 0.2)

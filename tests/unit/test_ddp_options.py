@@ -55,7 +55,7 @@ def test_powersgd_over_gloo_refuses_a_small_bucket_with_the_numbers():
     with pytest.raises(ConfigError) as err:
         options("ddp.comm_hook=powersgd", "ddp.bucket_cap_mb=25")
     msg = str(err.value)
-    params = 46_764_746  # the seed's network (distalex/model.py)
+    params = 46_764_746  # the d2l network (distalex/model.py)
     assert f"{params * 4 / 2**20:.1f} MiB" in msg
     assert "ddp.bucket_cap_mb" in msg and "25" in msg and "\n" not in msg
 

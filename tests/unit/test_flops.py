@@ -12,7 +12,7 @@ from distalex.model import AlexNet, AlexNetSpec, count_parameters
 
 from helpers import PAPER, ROOT
 
-D2L = AlexNetSpec()  # the seed's network: 1x224x224, towers 1, conv1 padding 1
+D2L = AlexNetSpec()  # the d2l network: 1x224x224, towers 1, conv1 padding 1
 PAPER_NET = AlexNetSpec(in_channels=3, num_classes=1000, towers=2, lrn=True, conv1_padding=2)
 SPECS = {
     "d2l": D2L,
@@ -69,8 +69,8 @@ def test_paper_network_matches_the_readme_table():
     assert round(sum(layer.params for layer in layer_counts(PAPER_NET)) / 1e6, 1) == params_m
 
 
-def test_d2l_seed_network_costs_5_6_gflop_per_training_example():
-    """The figure the README and the benchmark quote for the seed's network at 224."""
+def test_d2l_network_costs_5_6_gflop_per_training_example():
+    """The figure the README and the benchmark quote for the d2l network at 224."""
     assert round(training_flops(D2L) / 1e9, 1) == 5.6
     assert training_flops(D2L) == TRAINING_PASSES * 2 * forward_macs(D2L)
 

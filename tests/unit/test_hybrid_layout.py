@@ -70,7 +70,7 @@ def test_shards_cover_the_reference_exactly(towers):
     assert per_rank - shared == (count_parameters(ref) - shared) // world
 
 
-def test_bytes_of_the_seed_network_are_far_below_ddp():
+def test_bytes_of_the_d2l_network_are_far_below_ddp():
     """The d2l network at W=2: the three exchanges plus the conv all-reduce send
     under a ninth of DDP's bytes (its fc layers hold ~92% of the parameters)."""
     s = AlexNetSpec()

@@ -5,8 +5,8 @@ from torch import nn
 from distalex.model import AlexNet, AlexNetSpec, ModelSpecError, TowerLRN, count_parameters, init_weights
 
 
-def seed_net():
-    """The seed's network, verbatim from d2l's AlexNet chapter (shared/seed/)."""
+def d2l_net():
+    """The d2l network, verbatim from d2l's AlexNet chapter."""
     return nn.Sequential(
         nn.Conv2d(1, 96, kernel_size=11, stride=4, padding=1),
         nn.ReLU(),
@@ -32,20 +32,20 @@ def seed_net():
     )
 
 
-def test_default_preset_is_the_seed_network():
-    ours, seed = AlexNet(AlexNetSpec()), seed_net()
-    assert count_parameters(ours) == count_parameters(seed) == 46_764_746
-    assert [type(m) for m in ours] == [type(m) for m in seed]
+def test_default_preset_is_the_d2l_network():
+    ours, d2l = AlexNet(AlexNetSpec()), d2l_net()
+    assert count_parameters(ours) == count_parameters(d2l) == 46_764_746
+    assert [type(m) for m in ours] == [type(m) for m in d2l]
     x = torch.randn(1, 1, 224, 224)
     a = b = x
-    for mine, theirs in zip(ours, seed, strict=True):
+    for mine, theirs in zip(ours, d2l, strict=True):
         a, b = mine(a), theirs(b)
         assert a.shape == b.shape, (mine, a.shape, b.shape)
     assert a.shape == (1, 10)
     # Same parameters in the same order: weights copy over one to one.
-    seed.load_state_dict(dict(zip(seed.state_dict().keys(), ours.state_dict().values(), strict=True)))
-    ours.eval(), seed.eval()
-    assert torch.equal(ours(x), seed(x))
+    d2l.load_state_dict(dict(zip(d2l.state_dict().keys(), ours.state_dict().values(), strict=True)))
+    ours.eval(), d2l.eval()
+    assert torch.equal(ours(x), d2l(x))
 
 
 def test_two_towers_group_own_tower_layers_only():

@@ -1,7 +1,7 @@
-"""The device-resident pipeline against the seed's, on real Fashion-MNIST.
+"""The device-resident pipeline against d2l's, on real Fashion-MNIST.
 
 1. ``resize_batch`` (F.interpolate on the training device) reproduces what the
-   seed feeds its network: torchvision's ``FashionMNIST`` dataset with
+   d2l chapter feeds its network: torchvision's ``FashionMNIST`` dataset with
    ``Compose([Resize(224), ToTensor()])`` (PIL bilinear in DataLoader workers),
    within a stated tolerance.
 2. ``DeviceLoader`` order: the replica slices of every global batch concatenate
@@ -46,7 +46,7 @@ def fmnist():
 
 @pytest.fixture(scope="module")
 def torchvision_sets(tmp_path_factory):
-    """The seed's datasets: torchvision FashionMNIST reading the unpacked IDX files."""
+    """d2l's datasets: torchvision FashionMNIST reading the unpacked IDX files."""
     from torchvision import datasets, transforms
 
     root = tmp_path_factory.mktemp("tv")
@@ -94,7 +94,7 @@ def test_resize_batch_matches_torchvision_resize_totensor(fmnist):
     assert stats.mean > 0.05 / 255  # the comparison did see the rounding (not comparing x with x)
 
 
-def test_device_loader_batches_equal_the_seed_datasets_items(fmnist, torchvision_sets):
+def test_device_loader_batches_equal_the_d2l_datasets_items(fmnist, torchvision_sets):
     """Through the loader: evaluation batches in order, training batches in the
     epoch's permutation, against torchvision's dataset items at the same indices."""
     tv_train, tv_test = torchvision_sets
@@ -162,7 +162,7 @@ def test_start_batch_continues_with_exactly_the_next_batch(fmnist, replicas):
 
 
 def test_benchmark_baseline_runs_the_same_network_as_distalex():
-    """bench/seed_baseline.py's copy of the seed's nn.Sequential and distalex's
+    """bench/d2l_baseline.py's copy of d2l's nn.Sequential and distalex's
     reference AlexNet (towers 1, width 1) are the same function of the same weights,
     so the benchmark compares pipelines, not networks."""
     import importlib.util
@@ -171,14 +171,14 @@ def test_benchmark_baseline_runs_the_same_network_as_distalex():
 
     from helpers import ROOT
 
-    spec = importlib.util.spec_from_file_location("seed_baseline", ROOT / "bench" / "seed_baseline.py")
+    spec = importlib.util.spec_from_file_location("d2l_baseline", ROOT / "bench" / "d2l_baseline.py")
     baseline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(baseline)
-    seed, ours = baseline.seed_net(), AlexNet(AlexNetSpec())
-    assert [v.shape for v in seed.state_dict().values()] == [v.shape for v in ours.state_dict().values()]
-    assert sum(p.numel() for p in seed.parameters()) == 46_764_746
-    ours.load_state_dict(dict(zip(ours.state_dict(), seed.state_dict().values(), strict=True)))
-    seed.eval(), ours.eval()
+    d2l, ours = baseline.d2l_net(), AlexNet(AlexNetSpec())
+    assert [v.shape for v in d2l.state_dict().values()] == [v.shape for v in ours.state_dict().values()]
+    assert sum(p.numel() for p in d2l.parameters()) == 46_764_746
+    ours.load_state_dict(dict(zip(ours.state_dict(), d2l.state_dict().values(), strict=True)))
+    d2l.eval(), ours.eval()
     x = torch.rand(2, 1, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), seed(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours(x), d2l(x), rtol=1e-5, atol=1e-6)

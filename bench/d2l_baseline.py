@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The seed's pipeline, reimplemented faithfully: the baseline of the benchmark.
+"""The d2l baseline pipeline, reimplemented faithfully: the baseline of the benchmark.
 
-What the seed (d2l's AlexNet chapter, /work/shared/seed/) runs, piece by piece:
+What d2l's AlexNet chapter runs, piece by piece:
 
 - the network: the chapter's ``nn.Sequential``, copied below unchanged;
 - the data: ``d2l.load_data_fashion_mnist(128, resize=224)``, i.e. torchvision's
@@ -27,8 +27,8 @@ torchvision reads the unpacked IDX files from ``ROOT/FashionMNIST/raw/`` and has
 no internet here, so the Debian ``.gz`` files (or unpacked copies) are unpacked
 once into a cache folder.  This file does not import distalex.
 
-    python bench/seed_baseline.py --train-limit 1024 --max-steps 8 --test-limit 512
-    python bench/seed_baseline.py --epochs 1          # the seed's data, one epoch
+    python bench/d2l_baseline.py --train-limit 1024 --max-steps 8 --test-limit 512
+    python bench/d2l_baseline.py --epochs 1          # the d2l data, one epoch
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ FILES = {
 }
 
 
-def seed_net() -> nn.Sequential:
+def d2l_net() -> nn.Sequential:
     """The chapter's network, verbatim (comments translated)."""
     return nn.Sequential(
         # An 11x11 window to capture objects; stride 4 to shrink height and width.
@@ -283,7 +283,7 @@ def run(
     device=None,
     log=print,
 ) -> dict:
-    """The seed experiment on a (possibly) short schedule; returns its figures."""
+    """The d2l experiment on a (possibly) short schedule; returns its figures."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -293,7 +293,7 @@ def run(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "distalex-bench"
     )
     root = prepare_torchvision_root(src, cache)
-    net = seed_net()
+    net = d2l_net()
     wall0 = time.perf_counter()  # end to end: datasets, loaders, steps, evaluation
     train_iter, test_iter = load_data_fashion_mnist(batch_size, image_size, root, train_limit, test_limit, workers)
     out = train_ch6(net, train_iter, test_iter, epochs, lr, device, max_steps=max_steps, log=log)
