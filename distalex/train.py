@@ -15,29 +15,23 @@ a checkpoint.
 from __future__ import annotations
 
 import signal
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
-from distalex import amp, checkpoint, determinism
+from distalex import amp, build, checkpoint
 from distalex.config import to_container
-from distalex.data import SharedCheck, build_data
-from distalex.elastic import restart_count
 from distalex.errors import Interrupted, NonFiniteLoss
 from distalex.evaluate import evaluate_accuracy
 from distalex.hostmem import keep_freed_memory
-from distalex.meters import TrainMeter
 from distalex.mfu import for_run
 from distalex.parallel import make_accelerator, setup
 from distalex.profiling import BACKWARD, StepProfiler
 from distalex.rundir import claim_output_dir, prepare_output_dir
-from distalex.schedule import LRSchedule
 from distalex.signals import GracefulStop
-from distalex.state import Position, TrainingState
+from distalex.state import Position
 from distalex.tracking import RunLog, run_name
 
 
@@ -65,113 +59,45 @@ class Trainer:
             raise
 
     def _build(self) -> None:
-        cfg = self.cfg
+        cfg, p = self.cfg, self.placement
+        self._warn = build.main_process_printer(p)
         # Everything that can refuse the run does so before anything is written.
-        resume_path, saved = self._read_resume_checkpoint()
-        self.data = self._build_data()
-        prepare_output_dir(cfg, resume_path, self.placement, notify=self._warn)
-        self.utilization, peak_line = for_run(cfg, self.placement)
+        resume_path, saved = build.read_resume_checkpoint(cfg, p, self._warn)
+        self.data = build.load_data(cfg, p, self._warn)
+        prepare_output_dir(cfg, resume_path, p, notify=self._warn)
+        self.utilization, peak_line = for_run(cfg, p)
         self.accelerator.print(f"distalex: {peak_line}")
 
-        self.state = self._fresh_state()
-        self.last_eval: dict = {}  # the newest evaluation row (checkpointed: see checkpoint.build_state)
+        self.state = build.fresh_state(cfg, p, self.accelerator)
+        self.last_eval: dict = {}  # the newest evaluation row (checkpointed with the state)
         if saved is not None:
-            self._restore(saved, resume_path)
+            self.last_eval = build.restore(saved, resume_path, p, self.state, self.accelerator)
         # The raw module lives in self.state.model; DDP wraps it, torch.compile (optionally) the wrapper.
-        self.wrapped_model = self.placement.wrap(self.state.model, self.accelerator)
+        self.wrapped_model = p.wrap(self.state.model, self.accelerator)
         self.compiled_model = torch.compile(self.wrapped_model) if cfg.train.compile else self.wrapped_model
 
         self.steps_per_epoch = self.data.train.batches_per_epoch
         self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        self.eval_batch = max(1, (cfg.eval.batch_size or cfg.train.batch_size) // self.placement.mesh.replicas)
-        self.log = RunLog(cfg.train.output_dir, self.placement.is_main, self.accelerator, plots=cfg.tracking.plots)
+        self.eval_batch = max(1, (cfg.eval.batch_size or cfg.train.batch_size) // p.mesh.replicas)
+        self.log = RunLog(cfg.train.output_dir, p.is_main, self.accelerator, plots=cfg.tracking.plots)
         if saved is not None:
             self.log.trim_after(self.state.position.step, carried=self.last_eval)
-        self.run_info = self._run_info()
+        self.run_info = build.run_info(cfg, p, self.accelerator, self.utilization)
         self.log.start_wandb(
             cfg,
             {**self.run_info, "config": to_container(cfg)},
-            run_name(cfg, self.placement.mesh.world_size, self.run_info["device"], self.run_info["mixed_precision"]),
+            run_name(cfg, p.mesh.world_size, self.run_info["device"], self.run_info["mixed_precision"]),
         )
-        self.profiler = StepProfiler(
-            cfg.train.profile, self.state.model, self.placement, cfg.train.output_dir, self.log.title
-        )
+        self.profiler = StepProfiler(cfg.train.profile, self.state.model, p, cfg.train.output_dir, self.log.title)
 
     def close(self) -> None:
         """Give the output dir back (on every exit; a killed run's lock goes with its process)."""
         self.run_dir.release()
 
-    # -- building -----------------------------------------------------------------------
-    def _read_resume_checkpoint(self):
-        t = self.cfg.train
-        path, saved = checkpoint.resolve(t.resume, t.output_dir, warn=self._warn)
-        if path is not None:
-            checkpoint.check_architecture(saved, self.placement.spec, path)
-            checkpoint.check_same_steps(saved, to_container(self.cfg), t.resume_allow_changes, path)
-        return path, saved
-
-    def _warn(self, line: str) -> None:
-        if self.placement.is_main:
-            print(line, file=sys.stderr, flush=True)
-
-    def _build_data(self):
-        """This replica's data; all processes check the input files together; warnings printed once."""
-        p, cfg = self.placement, self.cfg
-        check = SharedCheck(p.rank, p.mesh.world_size, p.min_over_ranks, p.is_main and cfg.train.progress)
-        data = build_data(cfg, p.replica, p.mesh.replicas, p.device, check)
-        for warning in data.warnings:
-            self._warn(f"distalex: warning: {warning}")
-        return data
-
-    def _fresh_state(self) -> TrainingState:
-        cfg = self.cfg
-        model = self.placement.build_model(cfg.model.init, cfg.train.seed)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        o = cfg.optim
-        sgd = torch.optim.SGD(
-            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=o.foreach
-        )
-        # Dropout draws differ per rank; the data order does not use this RNG.
-        torch.manual_seed(cfg.train.seed * 1000 + self.placement.rank + 1)
-        return TrainingState(
-            model=model,
-            optimizer=self.accelerator.prepare_optimizer(sgd),
-            schedule=LRSchedule.from_config(o),
-            scaler=self.accelerator.scaler,
-            meter=TrainMeter(self.placement),
-        )
-
-    def _restore(self, saved: dict, path: Path) -> None:
-        same = checkpoint.restore(saved, self.placement, self.state)
-        self.last_eval = dict(saved.get("last_eval") or {})
-        p = self.state.position
-        self.accelerator.print(
-            f"distalex: resumed from {path} at step {p.step} (epoch {p.epoch}, batch {p.batch})"
-            + ("" if same else "; placement changed, RNG streams start afresh")
-            + (f"; launcher restart {restart_count()}" if restart_count() else "")
-        )
-
-    def _run_info(self) -> dict:
-        p, cfg = self.placement, self.cfg
-        device = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else "cpu"
-        return {
-            "split_mode": cfg.split_mode,
-            "world_size": p.mesh.world_size,
-            "replicas": p.mesh.replicas,
-            "towers": cfg.model.towers,
-            "tower_processes": p.mesh.tower_ranks,
-            "fc_shards": p.mesh.fc_shards,
-            "mixed_precision": self.accelerator.mixed_precision,  # what "auto" resolved to on this device
-            **determinism.describe(),
-            "global_batch": cfg.train.batch_size,
-            "device": device,
-            **self.utilization.run_info(),
-        }
-
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> dict:
-        with GracefulStop() as stop, self._progress_bar() as progress, self.profiler:
+        bar = build.progress_bar(self.cfg, self.placement, self.max_steps, self.state.position.step)
+        with GracefulStop() as stop, bar as progress, self.profiler:
             # Until no step is left and the last one is evaluated (a run resumed after its
             # last step but before its last evaluation does only that evaluation).
             while self._steps_left() or self.last_eval.get("step") != self.state.position.step:
@@ -335,27 +261,6 @@ class Trainer:
     def _wall_time(self) -> float:
         """Wall time of the whole run: earlier segments (before a resume) plus this one."""
         return self.state.totals.wall_time + time.perf_counter() - self.started
-
-    def _progress_bar(self):
-        if not (self.placement.is_main and self.cfg.train.progress):
-            return _NoProgress()
-        from tqdm.auto import tqdm
-
-        p = self.state.position
-        return tqdm(total=self.max_steps, initial=p.step, desc=self.cfg.experiment, dynamic_ncols=True)
-
-
-class _NoProgress:
-    """Stands in for a tqdm bar on ranks (or runs) without one."""
-
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def train(cfg) -> dict:

@@ -88,7 +88,7 @@ MUTANTS = [
     # -- the five the issue names -------------------------------------------------------------------
     Mutant(
         "sgd-drops-weight-decay",
-        "distalex/train.py",
+        "distalex/build.py",
         "lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=o.foreach",
         "lr=o.lr, momentum=o.momentum, foreach=o.foreach",
         LOOP,
@@ -137,7 +137,7 @@ MUTANTS = [
     ),
     Mutant(
         "lr-hard-coded",
-        "distalex/train.py",
+        "distalex/build.py",
         "lr=o.lr, momentum=o.momentum",
         "lr=0.01, momentum=o.momentum",
         LOOP,
@@ -153,9 +153,9 @@ MUTANTS = [
     ),
     Mutant(
         "channels-last-only-on-gpu",
-        "distalex/train.py",
+        "distalex/build.py",
         "        if cfg.train.channels_last:\n",
-        '        if cfg.train.channels_last and self.placement.device.type == "cuda":\n',
+        '        if cfg.train.channels_last and placement.device.type == "cuda":\n',
         LOOP,
         "train.channels_last silently dropped for the model on CPU",
     ),
