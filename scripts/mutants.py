@@ -154,8 +154,8 @@ MUTANTS = [
     Mutant(
         "channels-last-only-on-gpu",
         "distalex/build.py",
-        "        if cfg.train.channels_last:\n",
-        '        if cfg.train.channels_last and placement.device.type == "cuda":\n',
+        "    if cfg.train.channels_last:\n",
+        '    if cfg.train.channels_last and placement.device.type == "cuda":\n',
         LOOP,
         "train.channels_last silently dropped for the model on CPU",
     ),
