@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,13 @@ class Trainer:
 
         self.state = build.fresh_state(cfg, p, self.accelerator)
         self.last_eval: dict = {}  # the newest evaluation row (checkpointed with the state)
+        # The step whose checkpoint this run's own dir holds (a run always ends with one there,
+        # also a finished run resumed into a new dir).
+        self.checkpointed_step: int | None = None
         if saved is not None:
             self.last_eval = build.restore(saved, resume_path, p, self.state, self.accelerator)
+            if Path(resume_path).resolve().parent == Path(checkpoint.checkpoint_dir(cfg.train.output_dir)).resolve():
+                self.checkpointed_step = self.state.position.step
         # The raw module lives in self.state.model; DDP wraps it, torch.compile (optionally) the wrapper.
         self.wrapped_model = p.wrap(self.state.model, self.accelerator)
         self.compiled_model = torch.compile(self.wrapped_model) if cfg.train.compile else self.wrapped_model
@@ -103,6 +109,8 @@ class Trainer:
             while self._steps_left() or self.last_eval.get("step") != self.state.position.step:
                 self.train_epoch(stop, progress)
                 self.end_epoch()
+        if self.checkpointed_step != self.state.position.step:
+            self.save()
         return self.finish()
 
     def _steps_left(self) -> bool:
@@ -218,6 +226,7 @@ class Trainer:
             )
         self.state.totals.wall_time = self._wall_time()
         self.started = time.perf_counter()
+        self.checkpointed_step = self.state.position.step
         return checkpoint.save(
             self.placement,
             self.state,
