@@ -41,7 +41,7 @@ STEPS = 14
 # 10 steps per epoch: epoch 0 ends at step 10; at step 14 a step checkpoint is written, then
 # the final evaluation and its checkpoint.  Dropout on: the RNG streams must resume too.
 END = QUICK + [f"train.max_steps={STEPS}", "train.log_every=1", "train.checkpoint_every=7", "data.train_limit=320"]
-TIMING = ("examples_per_sec", "epoch_time_s")  # measured, so they differ between runs
+TIMING = ("examples_per_sec", "tflops_per_sec", "mfu", "epoch_time_s")  # measured (or derived from a measurement)
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
