@@ -121,13 +121,9 @@ def cores() -> int:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from distalex.peak import cpu_model
+
+    return cpu_model()
 
 
 def loadavg():

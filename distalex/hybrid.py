@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from distalex.model import AlexNet, AlexNetSpec, build_layers
+from distalex.model import AlexNet, AlexNetSpec, build_layers, run_layers
 from distalex.towers import CommStats, gather_tensors
 
 # The profiler files the time spent inside this label as the hybrid exchanges (distalex/profiling.py).
@@ -197,14 +197,7 @@ class HybridAlexNet(nn.Module):
         self.fc8 = nn.Linear(units, spec.num_classes)
 
     def _run(self, x: torch.Tensor, first: str, last: str) -> torch.Tensor:
-        on = False
-        for name, module in self.named_children():
-            on = on or name == first
-            if on:
-                x = module(x)
-            if name == last:
-                return x
-        raise KeyError(last)
+        return run_layers(self, x, first, last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.shards

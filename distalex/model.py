@@ -123,6 +123,19 @@ class TowerLRN(nn.Module):
         return f"towers={self.towers}"
 
 
+def run_layers(module: nn.Module, x: torch.Tensor, first: str, last: str) -> torch.Tensor:
+    """Run ``module``'s children from ``first`` to ``last`` (inclusive, in order) on ``x``:
+    the stretch of layers between two exchanges of a placed network."""
+    on = False
+    for name, child in module.named_children():
+        on = on or name == first
+        if on:
+            x = child(x)
+        if name == last:
+            return x
+    raise KeyError(last)
+
+
 def build_layers(spec: AlexNetSpec, towers_in_module: int, groups: int) -> OrderedDict[str, nn.Module]:
     """The layer list shared by the reference (groups=T) and one tower (groups=1).
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from distalex.model import AlexNetSpec, build_layers
+from distalex.model import AlexNetSpec, build_layers, run_layers
 
 # The profiler files the time spent inside this label as tower communication (distalex/profiling.py).
 PROFILE_LABEL = "comm:tower"
@@ -135,14 +135,7 @@ class TowerAlexNet(nn.Module):
         return _GatherChannels.apply(x, self.group, self.towers, self.tower, self.stats)
 
     def _run(self, x: torch.Tensor, first: str, last: str) -> torch.Tensor:
-        on = False
-        for name, module in self.named_children():
-            on = on or name == first
-            if on:
-                x = module(x)
-            if name == last:
-                return x
-        raise KeyError(last)
+        return run_layers(self, x, first, last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._run(x, "conv1", "pool2")  # own tower's maps only
