@@ -133,14 +133,7 @@ def format_profiles(runs: list[dict]) -> str:
             g = profile_groups(entry["ms_per_step"])
             total = sum(entry["ms_per_step"].values())
             cells.append([r["label"], str(entry["rank"])] + [f"{x:.1f}" for x in (total, *g.values())])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for n, row in enumerate(cells):
-        lines.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        )
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([*lines, render_cells(cells)])
 
 
 def load_runs(run_dirs: list[str]) -> list[dict]:
@@ -161,7 +154,12 @@ def format_table(runs: list[dict]) -> str:
     cells = [[h for h, _, _ in COLUMNS]]
     for r in runs:
         cells.append([("-" if r.get(k) is None else fmt.format(r[k])) for _, k, fmt in COLUMNS])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return render_cells(cells)
+
+
+def render_cells(cells: list[list[str]]) -> str:
+    """Aligned text table: the first column left-aligned, the others right; a rule under the header."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = []
     for n, row in enumerate(cells):
         lines.append(
