@@ -234,3 +234,31 @@ def reference_counts(model, batches, k=5) -> tuple:
 def rel_err(a, b) -> float:
     """|a - b| / |b| (Frobenius norms)."""
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def inner_optimizer(trainer):
+    """The torch optimizer inside accelerate's wrapper (to register torch's step hooks on it)."""
+    return getattr(trainer.state.optimizer, "optimizer", trainer.state.optimizer)
+
+
+def nan_loss_at(trainer, step: int, poison: bool = True) -> None:
+    """Make training step ``step``'s logits NaN (if ``poison``; a rank passes False to keep its own
+    finite) and skip that step's update everywhere, as a gradient scaler would: the loss is not
+    finite, the weights stay finite, so only the loss guard can catch it."""
+    forwards = {"n": 0}
+
+    def poison_logits(module, inputs, output):
+        if module.training:
+            forwards["n"] += 1
+            if forwards["n"] == step and poison:
+                return output + float("nan")
+        return None
+
+    def skip_update(opt, args, kwargs):
+        if forwards["n"] == step:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    trainer.state.model.register_forward_hook(poison_logits)
+    inner_optimizer(trainer).register_step_pre_hook(skip_update)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import TINY
+from helpers import TINY, nan_loss_at
 
 # 96 synthetic images in global batches of 32: 3 steps per epoch; fp32, no records but metrics.
 SETTINGS = [
@@ -48,24 +48,7 @@ def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
     try:
         cfg = load_config(TINY, [*SETTINGS, f"train.output_dir={out_dir}/run"], split_mode="ddp")
         trainer = Trainer(cfg)
-        forwards = {"n": 0}
-
-        def poison(module, inputs, output):
-            if module.training:
-                forwards["n"] += 1
-                if forwards["n"] == nan_step and rank == nan_rank:
-                    return output + float("nan")
-            return None
-
-        def skip_update(opt, args, kwargs):
-            if forwards["n"] == nan_step:
-                for group in opt.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
-
-        trainer.state.model.register_forward_hook(poison)
-        optimizer = getattr(trainer.state.optimizer, "optimizer", trainer.state.optimizer)
-        optimizer.register_step_pre_hook(skip_update)
+        nan_loss_at(trainer, nan_step, poison=rank == nan_rank)
         trainer.fit()
     except Exception as exc:  # recorded for the test to judge
         outcome = f"{type(exc).__name__}: {exc}"

@@ -37,7 +37,17 @@ from distalex.errors import NonFiniteLoss
 from distalex.model import AlexNet, AlexNetSpec
 from distalex.train import Trainer
 
-from helpers import TINY, metrics, reference_counts, reference_sgd, reference_step, rel_err, summary
+from helpers import (
+    TINY,
+    inner_optimizer,
+    metrics,
+    nan_loss_at,
+    reference_counts,
+    reference_sgd,
+    reference_step,
+    rel_err,
+    summary,
+)
 
 CPU = torch.device("cpu")
 # The tiny recipe (1/8 width, 67x67, lr 0.05, momentum 0.9) on synthetic data: 96 training
@@ -96,11 +106,6 @@ def global_batches(cfg, epochs) -> list:
     """(epoch, images, labels) of every training step, from a loader built anew (one replica)."""
     loader = build_data(cfg, 0, 1, CPU).train
     return [(e, x, y) for e in range(epochs) for x, y in loader.epoch(e)]
-
-
-def inner_optimizer(trainer: Trainer) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's wrapper (to register torch's step hooks on it)."""
-    return getattr(trainer.state.optimizer, "optimizer", trainer.state.optimizer)
 
 
 def checkpoint_path(out, step: int):
@@ -355,23 +360,7 @@ def test_non_finite_loss_with_finite_weights_is_reported_as_the_loss_at_its_step
     update is skipped, as a gradient scaler would): the loss guard must stop the run, naming step 4."""
     out = tmp_path / "run"
     trainer = make_trainer(out, "train.epochs=3", "train.log_every=100", "train.checkpoint_every=1")
-    calls = {"forward": 0}
-
-    def poison(module, inputs, output):
-        if module.training:
-            calls["forward"] += 1
-            if calls["forward"] == NAN_STEP:
-                return output + float("nan")
-        return None
-
-    def skip_update(opt, args, kwargs):
-        if calls["forward"] == NAN_STEP:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-
-    trainer.state.model.register_forward_hook(poison)
-    inner_optimizer(trainer).register_step_pre_hook(skip_update)
+    nan_loss_at(trainer, NAN_STEP)
     with pytest.raises(NonFiniteLoss) as err:
         trainer.fit()
     newest = list_checkpoints(str(out))[-1]
