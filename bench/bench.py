@@ -32,11 +32,11 @@ processes of (c)/(d)/(f) gets half of them (OMP_NUM_THREADS).  Figures per row:
   process    training examples / wall time of the whole process, interpreter and
              launcher start-up included
   test_acc   after the schedule (at this length, only a smoke check: near chance)
-  TFLOP/s    the model's training FLOPs per second at the train rate (distalex/flops.py:
+  TFLOP/s    the model's training FLOPs per second at the train rate (distalex/model/flops.py:
              3 x forward, forward = 2 x the MACs of every conv and fc layer)
   MFU        TFLOP/s / (processes x the peak of one process): the matmul peak at the
              row's precision and threads per process, measured once by this script
-             (distalex/peak.py, cached per machine); on a GPU the datasheet peak
+             (distalex/telemetry/peak.py, cached per machine); on a GPU the datasheet peak
 
 --ddp-hooks adds rows c-bf16, c-fp16 and c-powersgd: ddp with each DDP
 communication hook (PowerSGD rank 1 compressing from step 2, so that it acts
@@ -68,7 +68,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distalex.io import read_jsonl, write_json
+from distalex.runtime.io import read_jsonl, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -121,7 +121,7 @@ def cores() -> int:
 
 
 def cpu_name() -> str:
-    from distalex.peak import cpu_model
+    from distalex.telemetry.peak import cpu_model
 
     return cpu_model()
 
@@ -456,9 +456,9 @@ HOOKS = [  # (row, ddp overrides) for --ddp-hooks
 def add_mfu(rows: dict, sched: dict) -> None:
     """TFLOP/s and MFU of every row, all against peaks this process measured (or read
     from the cache), so that every row of one invocation uses the same peaks."""
-    from distalex.flops import training_flops
-    from distalex.model import AlexNetSpec
-    from distalex.peak import device_peak
+    from distalex.model.alexnet import AlexNetSpec
+    from distalex.model.flops import training_flops
+    from distalex.telemetry.peak import device_peak
 
     peaks = {}
     for row in rows.values():

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils import data
 
-from distalex.io import atomic_write, write_json
+from distalex.runtime.io import atomic_write, write_json
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 # md5 of the unpacked IDX files (Debian re-compressed the archives; contents are the originals).

@@ -21,7 +21,7 @@ DIR/gpu_readiness.json.  Exit status 0 when no check failed.  What each one does
                    both towers skip the step and keep one scale, the next step equals the
                    reference's.
   fp16_run         the CLI with train.mixed_precision=fp16 (accelerate's CUDA scaler through
-                   distalex.amp.optimizer_step) trains and records fp16.
+                   distalex.runtime.precision.optimizer_step) trains and records fp16.
   deterministic    train.deterministic=true with LRN: a run resumed from a middle
                    checkpoint ends bitwise equal to the uninterrupted run; the same pair
                    without it is reported (information, not a pass/fail).
@@ -97,7 +97,7 @@ def summary(run_dir: Path) -> dict:
 
 
 def check_precision(work: Path) -> dict:
-    from distalex.amp import cpu_native_bf16, resolve_precision
+    from distalex.runtime.precision import cpu_native_bf16, resolve_precision
 
     os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
     if DEVICE == "cpu":
@@ -146,9 +146,9 @@ def _tower_worker(rank: int, world: int, store: str, out_dir: str, device_type: 
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from distalex.amp import optimizer_step
-    from distalex.model import AlexNet, AlexNetSpec, init_weights
-    from distalex.parallel import Mesh, Placement, process_groups
+    from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
+    from distalex.parallel.placement import Mesh, Placement, process_groups
+    from distalex.runtime.precision import optimizer_step
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -254,7 +254,7 @@ def check_fp16_run(work: Path) -> dict:
 
 
 def _resume_pair(work: Path, name: str, deterministic: bool) -> dict:
-    from distalex.checkpoint import list_checkpoints, read
+    from distalex.training.checkpoint import list_checkpoints, read
 
     args = [
         *QUICK, "train.max_steps=14", "train.log_every=1", "train.checkpoint_every=3", "train.keep_checkpoints=100",
@@ -295,7 +295,7 @@ def check_deterministic(work: Path) -> dict:
 def check_layout_cost(work: Path, iters: int = 20) -> dict:
     import torch.nn.functional as F
 
-    from distalex.model import AlexNet, AlexNetSpec
+    from distalex.model.alexnet import AlexNet, AlexNetSpec
 
     cpu = DEVICE == "cpu"
     dev = torch.device("cpu") if cpu else torch.device("cuda", 0)

@@ -6,7 +6,7 @@
 
 Starts N gloo processes on this machine (file store, no fixed port) and times
 ``all_reduce(MAX)`` of a 1-element CPU tensor, as
-:meth:`distalex.parallel.Placement.any_rank` does, after a warm-up.  Prints the
+:meth:`distalex.parallel.placement.Placement.any_rank` does, after a warm-up.  Prints the
 median and the 90th percentile in microseconds per process count, and the check
 interval that keeps the overhead under 1 % of a step for a few step times.  On
 one machine this is the loopback cost; across machines add the network's round

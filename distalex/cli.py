@@ -53,11 +53,11 @@ def report(exc: DistalexError) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config_path = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
-    from distalex.parallel import shutdown
+    from distalex.parallel.placement import shutdown
 
     try:
         cfg = load_config(config_path, args.overrides, args.split_mode)
-        from distalex.train import train
+        from distalex.training.trainer import train
 
         summary = train(cfg)
     except DistalexError as exc:

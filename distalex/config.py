@@ -100,17 +100,17 @@ class TrainConfig:
     # `accelerate launch --mixed_precision` chose, else bf16 where the device
     # computes it natively (measured 1.9x on AVX512-BF16 CPUs, same accuracy;
     # tensor cores on GPUs from compute capability 8.0), else no (fp32).
-    # Decided by each rank on its own device (distalex/amp.py); the config keeps
+    # Decided by each rank on its own device (distalex/runtime/precision.py); the config keeps
     # "auto" and the run's records (summary.json) name the precision used.
     mixed_precision: str = "auto"
     channels_last: bool = True  # measured 1.16x with bf16 on CPU; a layout change only
     # CPU: keep freed memory in the process instead of page-faulting it back every
-    # step (distalex/hostmem.py); no effect on the arithmetic.
+    # step (distalex/runtime/hostmem.py); no effect on the arithmetic.
     reuse_host_memory: bool = True
     compile: bool = False
     cudnn_benchmark: bool = True  # ignored (off) when deterministic
     # Bitwise-reproducible kernels on GPUs: cudnn.benchmark off, deterministic
-    # algorithms only, CUBLAS_WORKSPACE_CONFIG set (distalex/determinism.py).
+    # algorithms only, CUBLAS_WORKSPACE_CONFIG set (distalex/runtime/determinism.py).
     deterministic: bool = False
     timeout_s: int = 300  # every process group's timeout: a dead or hung rank ends the job
     # Steps between the all-ranks check for SIGTERM/SIGINT (one small all-reduce
@@ -122,7 +122,7 @@ class TrainConfig:
     # <output_dir>/profile/{trace.json,summary.json,profile.png}.  0 = off.
     profile: int = 0
     # Peak TFLOP/s of one device (one process on a CPU) for MFU; unset = the
-    # datasheet table for GPUs, a measured matmul peak for CPUs (distalex/peak.py).
+    # datasheet table for GPUs, a measured matmul peak for CPUs (distalex/telemetry/peak.py).
     peak_tflops: Optional[float] = None
 
 

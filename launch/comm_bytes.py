@@ -32,10 +32,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from distalex import hybrid
 from distalex.config import load_config
-from distalex.model import AlexNet, count_parameters, spec_from_config
-from distalex.towers import ddp_bytes_per_step, exchange_bytes_per_step
+from distalex.model.alexnet import AlexNet, count_parameters, spec_from_config
+from distalex.parallel import hybrid
+from distalex.parallel.towers import ddp_bytes_per_step, exchange_bytes_per_step
 
 WORLD_SIZES = (2, 4, 8, 16)
 # One direction, per process.  NVLink 4 (H100 SXM): 900 GB/s both directions;

@@ -29,7 +29,7 @@ import math
 import sys
 from pathlib import Path
 
-from distalex.io import atomic_write, read_jsonl
+from distalex.runtime.io import atomic_write, read_jsonl
 
 COLUMNS = [  # (header, key, format)
     ("run", "label", "{}"),
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     print(format_table(runs))
     print(f"speed-up: examples/sec relative to {runs[0]['label']}")
 
-    from distalex.plots import plot_comparison
+    from distalex.telemetry.plots import plot_comparison
 
     table = [{k: v for k, v in r.items() if k != "rows"} for r in runs]
     profiled = [r for r in runs if r["profile"]]
@@ -218,8 +218,8 @@ def main(argv=None) -> int:
         plot_comparison(runs, png)
         out = {"baseline": runs[0]["dir"], "png": str(png), "runs": table}
         if profiled:
-            from distalex.plots import plot_profile
-            from distalex.profiling import ordered
+            from distalex.telemetry.plots import plot_profile
+            from distalex.telemetry.profiling import ordered
 
             bars = []
             for r in profiled:

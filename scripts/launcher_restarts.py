@@ -3,7 +3,7 @@
 runs 2 gloo workers N times; in each run rank 1 dies (SIGKILL) in the first attempt
 and the restarted attempt must start its group and all-reduce.  Once with torch's
 own start (``dist.init_process_group``), once with distalex's
-(:func:`distalex.elastic.init_for_restarts`).  Not part of the tests (slow)::
+(:func:`distalex.runtime.elastic.init_for_restarts`).  Not part of the tests (slow)::
 
     python scripts/launcher_restarts.py [N]        # default 10 runs each
 """
@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch, torch.distributed as dist
 timeout = timedelta(seconds=30)
 if sys.argv[1] == "distalex":
-    from distalex.elastic import init_for_restarts
+    from distalex.runtime.elastic import init_for_restarts
     init_for_restarts(timeout, cuda=False)
 else:
     dist.init_process_group("gloo", timeout=timeout)

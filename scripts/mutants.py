@@ -88,7 +88,7 @@ MUTANTS = [
     # -- the five the issue names -------------------------------------------------------------------
     Mutant(
         "sgd-drops-weight-decay",
-        "distalex/build.py",
+        "distalex/training/build.py",
         "lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=o.foreach",
         "lr=o.lr, momentum=o.momentum, foreach=o.foreach",
         LOOP,
@@ -96,7 +96,7 @@ MUTANTS = [
     ),
     Mutant(
         "plateau-fed-accuracy",
-        "distalex/train.py",
+        "distalex/training/trainer.py",
         's.schedule.step_epoch(1.0 - self.last_eval["test_acc"])',
         's.schedule.step_epoch(self.last_eval["test_acc"])',
         LOOP,
@@ -112,7 +112,7 @@ MUTANTS = [
     ),
     Mutant(
         "epoch-loss-per-batch",
-        "distalex/meters.py",
+        "distalex/training/meters.py",
         "self._epoch += torch.stack([loss * n, correct, n])",
         "self._epoch += torch.stack([loss, correct, n])",
         LOOP,
@@ -120,7 +120,7 @@ MUTANTS = [
     ),
     Mutant(
         "nan-check-never-fires",
-        "distalex/meters.py",
+        "distalex/training/meters.py",
         "bad = (self._bad_step < 0) & ~torch.isfinite(loss)",
         "bad = (self._bad_step < 0) & torch.isinf(loss)",
         LOOP,
@@ -129,7 +129,7 @@ MUTANTS = [
     # -- optimizer and step ------------------------------------------------------------------------
     Mutant(
         "zero-grad-missing",
-        "distalex/train.py",
+        "distalex/training/trainer.py",
         "        self.state.optimizer.zero_grad(set_to_none=True)\n",
         "",
         LOOP,
@@ -137,7 +137,7 @@ MUTANTS = [
     ),
     Mutant(
         "lr-hard-coded",
-        "distalex/build.py",
+        "distalex/training/build.py",
         "lr=o.lr, momentum=o.momentum",
         "lr=0.01, momentum=o.momentum",
         LOOP,
@@ -145,7 +145,7 @@ MUTANTS = [
     ),
     Mutant(
         "label-smoothing",
-        "distalex/train.py",
+        "distalex/training/trainer.py",
         "loss = F.cross_entropy(logits, y)",
         "loss = F.cross_entropy(logits, y, label_smoothing=0.1)",
         LOOP,
@@ -153,7 +153,7 @@ MUTANTS = [
     ),
     Mutant(
         "channels-last-only-on-gpu",
-        "distalex/build.py",
+        "distalex/training/build.py",
         "    if cfg.train.channels_last:\n",
         '    if cfg.train.channels_last and placement.device.type == "cuda":\n',
         LOOP,
@@ -162,7 +162,7 @@ MUTANTS = [
     # -- schedule --------------------------------------------------------------------------------
     Mutant(
         "lr-applied-one-epoch-late",
-        "distalex/train.py",
+        "distalex/training/trainer.py",
         's.schedule.step_epoch(1.0 - self.last_eval["test_acc"])\n            s.schedule.apply(s.optimizer)',
         's.schedule.apply(s.optimizer)\n            s.schedule.step_epoch(1.0 - self.last_eval["test_acc"])',
         LOOP,
@@ -170,7 +170,7 @@ MUTANTS = [
     ),
     Mutant(
         "plateau-patience-off-by-one",
-        "distalex/schedule.py",
+        "distalex/training/schedule.py",
         "if self.bad_epochs > self.patience and",
         "if self.bad_epochs >= self.patience and",
         LOOP,
@@ -178,7 +178,7 @@ MUTANTS = [
     ),
     Mutant(
         "parameter-guard-any-instead-of-all",
-        "distalex/train.py",
+        "distalex/training/trainer.py",
         "finite = all(bool(torch.isfinite(p).all()) for p in self.state.model.parameters())",
         "finite = all(bool(torch.isfinite(p).any()) for p in self.state.model.parameters())",
         LOOP,
@@ -187,7 +187,7 @@ MUTANTS = [
     # -- meters / logged figures -------------------------------------------------------------------
     Mutant(
         "interval-never-reset",
-        "distalex/meters.py",
+        "distalex/training/meters.py",
         "        self._interval.zero_()\n",
         "",
         LOOP,
@@ -195,7 +195,7 @@ MUTANTS = [
     ),
     Mutant(
         "train-acc-per-batch-mean",
-        "distalex/meters.py",
+        "distalex/training/meters.py",
         "correct = (logits.detach().argmax(1) == labels).sum().double()",
         "correct = (logits.detach().argmax(1) == labels).double().mean()",
         LOOP,
@@ -203,7 +203,7 @@ MUTANTS = [
     ),
     Mutant(
         "examples-per-sec-per-replica",
-        "distalex/meters.py",
+        "distalex/training/meters.py",
         "float(self._epoch[2].item()) * self.placement.mesh.replicas / max(self.train_time, 1e-9)",
         "float(self._epoch[2].item()) / max(self.train_time, 1e-9)",
         REPLICAS,
@@ -211,7 +211,7 @@ MUTANTS = [
     ),
     Mutant(
         "epoch-figures-not-summed-over-replicas",
-        "distalex/meters.py",
+        "distalex/training/meters.py",
         "loss_sum, correct, seen = self.placement.sum_over_replicas(self._epoch.clone()).tolist()",
         "loss_sum, correct, seen = self._epoch.clone().tolist()",
         REPLICAS,
@@ -220,7 +220,7 @@ MUTANTS = [
     # -- evaluation -------------------------------------------------------------------------------
     Mutant(
         "eval-not-in-eval-mode",
-        "distalex/evaluate.py",
+        "distalex/training/evaluate.py",
         "    model.eval()\n",
         "    model.eval\n",
         EVAL,
@@ -228,7 +228,7 @@ MUTANTS = [
     ),
     Mutant(
         "top5-as-top1",
-        "distalex/evaluate.py",
+        "distalex/training/evaluate.py",
         "counts[1] += (topk == y[:, None]).any(1).sum()",
         "counts[1] += (topk[:, 0] == y).sum()",
         EVAL,
@@ -278,7 +278,7 @@ MUTANTS = [
     # -- checkpoint and resume ---------------------------------------------------------------------
     Mutant(
         "momentum-dropped-on-restore",
-        "distalex/checkpoint.py",
+        "distalex/training/checkpoint.py",
         'placement.local_tensors(saved["momentum"]).items()',
         'placement.local_tensors(saved.get("momentum_buffers", {})).items()',
         RESUME,
@@ -286,7 +286,7 @@ MUTANTS = [
     ),
     Mutant(
         "rng-not-restored",
-        "distalex/checkpoint.py",
+        "distalex/training/checkpoint.py",
         '    torch.set_rng_state(state["cpu"])\n',
         "    torch.get_rng_state()\n",
         RESUME,
@@ -294,7 +294,7 @@ MUTANTS = [
     ),
     Mutant(
         "schedule-not-applied-after-resume",
-        "distalex/checkpoint.py",
+        "distalex/training/checkpoint.py",
         "    state.schedule.apply(state.optimizer)\n",
         "",
         RESUME,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distalex.io import read_jsonl
+from distalex.runtime.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")

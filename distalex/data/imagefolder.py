@@ -381,7 +381,7 @@ class ImageFolderLoader:
     def _iterate(self, loader: DataLoader) -> Iterator[Batch]:
         batches = iter(loader)
         while True:
-            with record_function("data:load"):  # profile label (distalex/profiling.py)
+            with record_function("data:load"):  # profile label (distalex/telemetry/profiling.py)
                 try:
                     x, y = next(batches)
                 except StopIteration:

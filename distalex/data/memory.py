@@ -66,7 +66,7 @@ class DeviceLoader:
         return self.plan.batches_per_epoch
 
     def _batch(self, index: torch.Tensor) -> Batch:
-        with record_function("data:gather"):  # profile labels (distalex/profiling.py)
+        with record_function("data:gather"):  # profile labels (distalex/telemetry/profiling.py)
             images, labels = self.data.images[index], self.data.labels[index]
         with record_function("data:resize"):
             x = resize_batch(images, self.image_size).contiguous(memory_format=self.memory_format)

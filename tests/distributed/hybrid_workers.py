@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distalex.model import AlexNet, AlexNetSpec, init_weights
-from distalex.parallel import Mesh, Placement, process_groups
+from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
+from distalex.parallel.placement import Mesh, Placement, process_groups
 
 SPEC = dict(width=0.125, image_size=67, dropout=0.0, lrn=True)
 GLOBAL_BATCH = 8

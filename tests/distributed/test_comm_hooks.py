@@ -19,7 +19,7 @@ far behind.
 
 import pytest
 
-from distalex.checkpoint import read
+from distalex.training.checkpoint import read
 
 from helpers import QUICK, latest_checkpoint, run_cli, step_losses
 

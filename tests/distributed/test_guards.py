@@ -3,7 +3,7 @@ names the same step, the earliest one (real Trainer on gloo ranks, spawned)."""
 
 import torch.multiprocessing as mp
 
-from distalex.checkpoint import list_checkpoints, read
+from distalex.training.checkpoint import list_checkpoints, read
 
 import trainer_workers as w
 from helpers import free_port

@@ -7,8 +7,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from distalex.hybrid import exchange_bytes_per_step, shard_dim
-from distalex.towers import shard_state_dict
+from distalex.parallel.hybrid import exchange_bytes_per_step, shard_dim
+from distalex.parallel.towers import shard_state_dict
 
 import hybrid_workers as w
 

@@ -6,11 +6,11 @@ import subprocess
 import pytest
 import torch
 
-from distalex import hybrid
-from distalex.checkpoint import load_reference, read
 from distalex.config import load_config
-from distalex.model import AlexNet, count_parameters, spec_from_config
-from distalex.towers import ddp_bytes_per_step
+from distalex.model.alexnet import AlexNet, count_parameters, spec_from_config
+from distalex.parallel import hybrid
+from distalex.parallel.towers import ddp_bytes_per_step
+from distalex.training.checkpoint import load_reference, read
 
 from helpers import (
     QUICK,

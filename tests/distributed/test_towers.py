@@ -5,7 +5,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from distalex.towers import exchange_bytes_per_step, shard_state_dict
+from distalex.parallel.towers import exchange_bytes_per_step, shard_state_dict
 
 import tower_workers as w
 

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distalex.model import AlexNet, AlexNetSpec, init_weights
-from distalex.parallel import Mesh, Placement, process_groups
-from distalex.towers import shard_state_dict
+from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
+from distalex.parallel.placement import Mesh, Placement, process_groups
+from distalex.parallel.towers import shard_state_dict
 
 SPEC = dict(width=0.125, image_size=67, dropout=0.0, lrn=True)
 
@@ -91,10 +91,10 @@ def train_steps(rank, world, towers, store_path, out_dir, steps=3):
 
 
 def fp16_overflow_on_one_rank(rank, world, towers, store_path, out_dir, victim=None):
-    """Two steps with a CPU gradient scaler (scale 1024) through distalex.amp.optimizer_step.
+    """Two steps with a CPU gradient scaler (scale 1024) through distalex.runtime.precision.optimizer_step.
     Step 1: an overflow (inf) in one rank's gradients only, after DDP's all-reduce, so no
     other rank sees it.  Step 2: clean.  Saves the weights after each step and the scales."""
-    from distalex.amp import optimizer_step
+    from distalex.runtime.precision import optimizer_step
 
     victim = world - 1 if victim is None else victim
     placement = _placement(rank, world, towers, store_path)

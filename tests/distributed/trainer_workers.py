@@ -41,8 +41,8 @@ def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
     )
     torch.set_num_threads(1)
     from distalex.config import load_config
-    from distalex.parallel import shutdown
-    from distalex.train import Trainer
+    from distalex.parallel.placement import shutdown
+    from distalex.training.trainer import Trainer
 
     outcome = "finished"
     try:

@@ -173,7 +173,7 @@ def test_image_damaged_past_its_header_fails_the_run_and_keeps_checkpoints(tmp_p
 
     from PIL import Image
 
-    from distalex.checkpoint import list_checkpoints, read
+    from distalex.training.checkpoint import list_checkpoints, read
 
     root = make_folder(tmp_path / "data", 3, n_train=4, n_val=2)
     bad = root / "val" / "class2" / "img0.jpg"

@@ -6,7 +6,7 @@ the three placements follow the same loss trajectory (docs/design.md, "Guarantee
 import numpy as np
 import pytest
 
-from distalex.model import AlexNetSpec
+from distalex.model.alexnet import AlexNetSpec
 
 from helpers import PAPER, SPLIT_MODES, make_folder, metrics, run_cli, step_losses, summary
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distalex.checkpoint import checkpoint_dir, read
 from distalex.config import load_config
 from distalex.data import build_data
-from distalex.model import AlexNet, AlexNetSpec, init_weights
+from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
+from distalex.training.checkpoint import checkpoint_dir, read
 
 from helpers import SPLIT_MODES, TINY, metrics, reference_counts, run_cli, summary
 

@@ -6,8 +6,8 @@ import math
 import pytest
 
 from distalex.config import load_config
-from distalex.flops import training_flops
-from distalex.model import spec_from_config
+from distalex.model.alexnet import spec_from_config
+from distalex.model.flops import training_flops
 
 from helpers import QUICK, SPLIT_MODES, cli_env, metrics, png_size, run_cli, summary
 
@@ -80,7 +80,7 @@ def test_profile_and_mfu_on_a_gpu(tmp_path):
     tests/unit/test_profiling.py and tests/unit/test_peak.py)."""
     import torch
 
-    from distalex.peak import gpu_peak
+    from distalex.telemetry.peak import gpu_peak
 
     env = cli_env()
     env.pop("CUDA_VISIBLE_DEVICES")

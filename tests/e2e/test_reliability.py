@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from distalex.checkpoint import list_checkpoints, read
+from distalex.training.checkpoint import list_checkpoints, read
 
 from helpers import (
     QUICK,
@@ -72,7 +72,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import os, signal
-        from distalex import checkpoint
+        from distalex.training import checkpoint
         saved = checkpoint.read({str(real)!r})
         checkpoint.write(saved, {str(out)!r}, 1, keep=3)
         saved["model"] = {{k: v + 1 for k, v in saved["model"].items()}}

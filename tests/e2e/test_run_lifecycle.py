@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distalex.checkpoint import list_checkpoints, read
+from distalex.training.checkpoint import list_checkpoints, read
 
 from helpers import (
     QUICK,
@@ -47,8 +47,9 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     boundary, step, rank = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     sys.argv = [sys.argv[0]] + sys.argv[4:]
-    from distalex import checkpoint, train
-    from distalex.tracking import RunLog
+    from distalex.training import checkpoint
+    from distalex.training import trainer
+    from distalex.telemetry.records import RunLog
 
     def armed():  # this rank, first attempt only (a launcher's restart runs unharmed)
         return os.environ.get("RANK", "0") == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"

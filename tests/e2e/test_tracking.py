@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distalex.amp import resolve_precision
+from distalex.runtime.precision import resolve_precision
 
 from helpers import ROOT, TINY, TRAIN, cli_env, metrics, png_size, summary
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distalex import amp
 from distalex.config import load_config
+from distalex.runtime import precision
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def fake_gpus(monkeypatch, capabilities: dict, emulation: bool = True):
 
 
 def fake_cpu(monkeypatch, machine="x86_64", avx512_bf16=False, amx=False, onednn_bf16=False):
-    monkeypatch.setattr(amp.platform, "machine", lambda: machine)
+    monkeypatch.setattr(precision.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
@@ -59,13 +59,13 @@ def fake_cpu(monkeypatch, machine="x86_64", avx512_bf16=False, amx=False, onednn
 def test_auto_on_gpus_uses_native_bf16_only(monkeypatch, no_launcher_flag, capability, expected):
     fake_gpus(monkeypatch, {0: capability})
     assert torch.cuda.is_bf16_supported()  # the emulation-counting default says yes on every one
-    assert amp.resolve_precision("auto", torch.device("cuda", 0)) == expected
+    assert precision.resolve_precision("auto", torch.device("cuda", 0)) == expected
 
 
 def test_auto_probes_the_ranks_own_gpu_not_cuda0(monkeypatch, no_launcher_flag):
     fake_gpus(monkeypatch, {0: (8, 0), 1: (7, 5)})  # a mixed machine: A100 + T4
-    assert amp.resolve_precision("auto", torch.device("cuda", 1)) == "no"
-    assert amp.resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert precision.resolve_precision("auto", torch.device("cuda", 1)) == "no"
+    assert precision.resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
     assert torch.cuda.current_device() == 0  # the probe left the current device alone
 
 
@@ -83,23 +83,23 @@ def test_auto_probes_the_ranks_own_gpu_not_cuda0(monkeypatch, no_launcher_flag):
 )
 def test_auto_on_cpus_uses_native_bf16_only(monkeypatch, no_launcher_flag, cpu, expected):
     fake_cpu(monkeypatch, **cpu)
-    assert amp.resolve_precision("auto", torch.device("cpu")) == expected
+    assert precision.resolve_precision("auto", torch.device("cpu")) == expected
 
 
 @pytest.mark.parametrize("launcher", ["bf16", "fp16"])
 def test_launcher_flag_wins_over_the_device(monkeypatch, launcher):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)  # accelerate launch --mixed_precision
     fake_cpu(monkeypatch)
-    assert amp.resolve_precision("auto", torch.device("cpu")) == launcher
+    assert precision.resolve_precision("auto", torch.device("cpu")) == launcher
     fake_gpus(monkeypatch, {0: (7, 0)})
-    assert amp.resolve_precision("auto", torch.device("cuda", 0)) == launcher
+    assert precision.resolve_precision("auto", torch.device("cuda", 0)) == launcher
 
 
 def test_explicit_precision_is_kept(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     fake_gpus(monkeypatch, {0: (9, 0)})
     for value in ("no", "bf16", "fp16"):
-        assert amp.resolve_precision(value, torch.device("cuda", 0)) == value
+        assert precision.resolve_precision(value, torch.device("cuda", 0)) == value
 
 
 def test_make_accelerator_resolves_auto_on_the_device_it_set(monkeypatch, no_launcher_flag):
@@ -107,7 +107,7 @@ def test_make_accelerator_resolves_auto_on_the_device_it_set(monkeypatch, no_lau
     accelerate is decided on cuda:1, the device the process state set for this rank."""
     import accelerate
 
-    from distalex import parallel
+    from distalex.parallel import placement
 
     fake_gpus(monkeypatch, {0: (8, 0), 1: (7, 0)})
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
@@ -122,7 +122,7 @@ def test_make_accelerator_resolves_auto_on_the_device_it_set(monkeypatch, no_lau
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: made.setdefault("accelerator", kwargs))
     cfg = load_config(None, ["train.timeout_s=42"])
     assert cfg.train.mixed_precision == "auto"
-    parallel.make_accelerator(cfg)
+    placement.make_accelerator(cfg)
     assert made["accelerator"]["mixed_precision"] == "no"
     assert made["state"]["timeout"].total_seconds() == 42 and made["state"]["cpu"] is False
 
@@ -141,11 +141,11 @@ def test_fp16_step_through_accelerates_wrapper_skips_on_overflow_only():
         opt = AcceleratedOptimizer(torch.optim.SGD([w], lr=0.5), device_placement=False, scaler=scaler)
         scaler.scale((w * torch.tensor([1.0, 2.0, 3.0])).sum()).backward()
         w.grad[1] = float("inf")
-        amp.optimizer_step(opt, scaler)
+        precision.optimizer_step(opt, scaler)
         assert torch.equal(w.detach(), torch.ones(3)) and scaler.get_scale() == 4.0
         opt.zero_grad()
         scaler.scale((w * torch.tensor([1.0, 2.0, 3.0])).sum()).backward()
-        amp.optimizer_step(opt, scaler)
+        precision.optimizer_step(opt, scaler)
         assert torch.allclose(w.detach(), torch.tensor([0.5, 0.0, -0.5])) and scaler.get_scale() == 4.0
     finally:
         AcceleratorState._reset_state(True)
@@ -155,5 +155,5 @@ def test_step_without_a_scaler_is_the_optimizers():
     w = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([w], lr=1.0)
     w.sum().backward()
-    amp.optimizer_step(opt, None)
+    precision.optimizer_step(opt, None)
     assert torch.equal(w.detach(), torch.zeros(2))

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from distalex.flops import training_flops
-from distalex.model import AlexNetSpec
+from distalex.model.alexnet import AlexNetSpec
+from distalex.model.flops import training_flops
 
 from helpers import ROOT
 

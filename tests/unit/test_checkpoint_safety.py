@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from distalex import checkpoint
 from distalex.errors import CheckpointError, RunDirError, WriteError
-from distalex.io import atomic_write, read_jsonl, remove_stale_temps
-from distalex.model import AlexNet, AlexNetSpec
-from distalex.rundir import LOCK_NAME, claim_output_dir
+from distalex.model.alexnet import AlexNet, AlexNetSpec
+from distalex.runtime.io import atomic_write, read_jsonl, remove_stale_temps
+from distalex.runtime.rundir import LOCK_NAME, claim_output_dir
+from distalex.training import checkpoint
 
 SPEC = AlexNetSpec(image_size=67, width=0.125)
 
@@ -233,7 +233,7 @@ def test_lock_of_a_killed_holder_is_free(tmp_path):
     out = tmp_path / "run"
     script = textwrap.dedent(f"""
         import os, signal, types
-        from distalex.rundir import claim_output_dir
+        from distalex.runtime.rundir import claim_output_dir
         cfg = types.SimpleNamespace(train=types.SimpleNamespace(output_dir={str(out)!r}))
         claim_output_dir(cfg, types.SimpleNamespace(is_main=True, any_rank=lambda f: f))
         os.kill(os.getpid(), signal.SIGKILL)

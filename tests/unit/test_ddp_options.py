@@ -1,4 +1,4 @@
-"""ddp.* as DDP takes it (distalex/parallel.py DDPOptions): accelerate's kwargs, the
+"""ddp.* as DDP takes it (distalex/parallel/placement.py DDPOptions): accelerate's kwargs, the
 one-bucket rule of PowerSGD over gloo.  The numerical effect of each hook is tested
 in tests/distributed/test_comm_hooks.py."""
 
@@ -6,9 +6,9 @@ import pytest
 from accelerate.utils import DDPCommunicationHookType
 
 from distalex.config import ConfigError, load_config
-from distalex.flops import layer_counts
-from distalex.model import spec_from_config
-from distalex.parallel import DDPOptions
+from distalex.model.alexnet import spec_from_config
+from distalex.model.flops import layer_counts
+from distalex.parallel.placement import DDPOptions
 
 
 def options(*overrides, gloo=True):
@@ -55,7 +55,7 @@ def test_powersgd_over_gloo_refuses_a_small_bucket_with_the_numbers():
     with pytest.raises(ConfigError) as err:
         options("ddp.comm_hook=powersgd", "ddp.bucket_cap_mb=25")
     msg = str(err.value)
-    params = 46_764_746  # the d2l network (distalex/model.py)
+    params = 46_764_746  # the d2l network (distalex/model/alexnet.py)
     assert f"{params * 4 / 2**20:.1f} MiB" in msg
     assert "ddp.bucket_cap_mb" in msg and "25" in msg and "\n" not in msg
 
@@ -63,8 +63,8 @@ def test_powersgd_over_gloo_refuses_a_small_bucket_with_the_numbers():
 def test_bytes_per_step_follow_the_hook():
     from torch import nn
 
-    from distalex.parallel import DDPOptions
-    from distalex.towers import ddp_bytes_per_step
+    from distalex.parallel.placement import DDPOptions
+    from distalex.parallel.towers import ddp_bytes_per_step
 
     model = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 2))  # weights 50x100 and 2x50, biases 50 and 2
     elements = 5000 + 50 + 100 + 2

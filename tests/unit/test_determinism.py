@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distalex import determinism
 from distalex.config import load_config
-from distalex.model import AlexNet, AlexNetSpec, TowerLRN, local_response_norm
+from distalex.model.alexnet import AlexNet, AlexNetSpec, TowerLRN, local_response_norm
+from distalex.runtime import determinism
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_without_deterministic_cudnn_benchmark_follows_the_config_on_gpus(restor
 def test_make_accelerator_configures_before_the_process_state_touches_the_device(restore_torch_flags, monkeypatch):
     import accelerate
 
-    from distalex import parallel
+    from distalex.parallel import placement
 
     seen = {}
 
@@ -60,7 +60,7 @@ def test_make_accelerator_configures_before_the_process_state_touches_the_device
 
     monkeypatch.setattr(accelerate, "PartialState", FakeState)
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: None)
-    parallel.make_accelerator(load_config(None, ["train.deterministic=true"]))
+    placement.make_accelerator(load_config(None, ["train.deterministic=true"]))
     assert seen == {"env": ":4096:8", "deterministic": True}
 
 

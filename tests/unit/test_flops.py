@@ -1,4 +1,4 @@
-"""The network's arithmetic (distalex/flops.py) against the README's per-layer table
+"""The network's arithmetic (distalex/model/flops.py) against the README's per-layer table
 and against an independent count: PyTorch's FlopCounterMode on the reference model."""
 
 import re
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from distalex.flops import TRAINING_PASSES, forward_flops, forward_macs, layer_counts, training_flops
-from distalex.model import AlexNet, AlexNetSpec, count_parameters
+from distalex.model.alexnet import AlexNet, AlexNetSpec, count_parameters
+from distalex.model.flops import TRAINING_PASSES, forward_flops, forward_macs, layer_counts, training_flops
 
 from helpers import PAPER, ROOT
 
@@ -50,7 +50,7 @@ def readme_table() -> dict:
 
 def test_the_paper_config_is_the_network_of_the_readme_table():
     from distalex.config import load_config
-    from distalex.model import spec_from_config
+    from distalex.model.alexnet import spec_from_config
 
     assert spec_from_config(load_config(PAPER)) == PAPER_NET
 

@@ -1,4 +1,4 @@
-"""distalex/hostmem.py: with freed memory kept, a loop that allocates and frees large
+"""distalex/runtime/hostmem.py: with freed memory kept, a loop that allocates and frees large
 tensors (as every training step does) stops page-faulting after a few rounds; without,
 every round faults all its pages in anew.  mallopt is process-wide, so each case runs in
 its own interpreter."""
@@ -15,7 +15,7 @@ from helpers import ROOT
 SCRIPT = """
 import json, resource, sys, torch
 if sys.argv[1] == "keep":
-    from distalex.hostmem import keep_freed_memory
+    from distalex.runtime.hostmem import keep_freed_memory
     assert keep_freed_memory()
 faults = []
 for _ in range(12):  # a 'step': 128 MiB in three tensors above glibc's mmap threshold, small ones between

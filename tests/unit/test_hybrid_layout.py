@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from distalex import hybrid
 from distalex.errors import ConfigError
-from distalex.model import AlexNet, AlexNetSpec, count_parameters, init_weights
-from distalex.parallel import Mesh
-from distalex.towers import ddp_bytes_per_step, shard_state_dict, unshard_state_dict
+from distalex.model.alexnet import AlexNet, AlexNetSpec, count_parameters, init_weights
+from distalex.parallel import hybrid
+from distalex.parallel.placement import Mesh
+from distalex.parallel.towers import ddp_bytes_per_step, shard_state_dict, unshard_state_dict
 
 from helpers import ROOT
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from distalex.model import AlexNet, AlexNetSpec, ModelSpecError, TowerLRN, count_parameters, init_weights
+from distalex.model.alexnet import AlexNet, AlexNetSpec, ModelSpecError, TowerLRN, count_parameters, init_weights
 
 
 def d2l_net():

@@ -30,12 +30,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distalex.checkpoint import checkpoint_dir, list_checkpoints, read
 from distalex.config import load_config
 from distalex.data import build_data
 from distalex.errors import NonFiniteLoss
-from distalex.model import AlexNet, AlexNetSpec
-from distalex.train import Trainer
+from distalex.model.alexnet import AlexNet, AlexNetSpec
+from distalex.training.checkpoint import checkpoint_dir, list_checkpoints, read
+from distalex.training.trainer import Trainer
 
 from helpers import (
     TINY,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from distalex.config import load_config
-from distalex.model import AlexNet, TowerLRN, count_parameters, spec_from_config
+from distalex.model.alexnet import AlexNet, TowerLRN, count_parameters, spec_from_config
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "paper_imagenet.yaml")
 

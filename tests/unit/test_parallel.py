@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distalex import parallel
 from distalex.config import load_config
 from distalex.errors import BadInput, ConfigError
-from distalex.parallel import Mesh
+from distalex.parallel import placement
+from distalex.parallel.placement import Mesh
 
 
 def plan(mode="ddp", world=4, towers=1, cuda=True, per_node=4, gpus=4):
@@ -52,18 +52,18 @@ def test_setup_refuses_before_creating_any_process_group(monkeypatch):
     """2 processes on a node with 1 GPU (accelerate would map both ranks to cuda:0)."""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(parallel, "process_groups", lambda *a: pytest.fail("groups created before the check"))
+    monkeypatch.setattr(placement, "process_groups", lambda *a: pytest.fail("groups created before the check"))
     cfg = load_config(None, [], split_mode="ddp")
     with pytest.raises(ConfigError, match="2 processes on this node but 1 visible GPU"):
-        parallel.setup(cfg, accelerator(2))
+        placement.setup(cfg, accelerator(2))
 
 
 def test_processes_per_node_from_the_launcher_or_the_local_index(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert parallel.processes_per_node(accelerator(16, local_index=3)) == 8
+    assert placement.processes_per_node(accelerator(16, local_index=3)) == 8
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert parallel.processes_per_node(accelerator(16, local_index=3)) == 4  # at least ranks 0..3 of this node
-    assert parallel.processes_per_node(accelerator(1)) == 1
+    assert placement.processes_per_node(accelerator(16, local_index=3)) == 4  # at least ranks 0..3 of this node
+    assert placement.processes_per_node(accelerator(1)) == 1
 
 
 def test_every_group_gets_the_timeout(monkeypatch):
@@ -77,5 +77,5 @@ def test_every_group_gets_the_timeout(monkeypatch):
 
     monkeypatch.setattr(torch.distributed, "new_subgroups_by_enumeration", new_subgroups_by_enumeration)
     timeout = timedelta(seconds=17)
-    parallel.process_groups(Mesh(4, 2, 2), timeout)
+    placement.process_groups(Mesh(4, 2, 2), timeout)
     assert calls == [([[0, 1], [2, 3]], timeout), ([[0, 2], [1, 3]], timeout)]

@@ -1,4 +1,4 @@
-"""The peak MFU is measured against (distalex/peak.py) and the figures (distalex/mfu.py)."""
+"""The peak MFU is measured against (distalex/telemetry/peak.py) and the figures (distalex/telemetry/mfu.py)."""
 
 import json
 import math
@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from distalex import peak as peak_mod
-from distalex.mfu import Utilization
-from distalex.peak import cache_path, cpu_peak, device_peak, gpu_peak, measure_matmul_tflops
+from distalex.telemetry import peak as peak_mod
+from distalex.telemetry.mfu import Utilization
+from distalex.telemetry.peak import cache_path, cpu_peak, device_peak, gpu_peak, measure_matmul_tflops
 
 
 @pytest.fixture(autouse=True)

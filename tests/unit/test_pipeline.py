@@ -167,7 +167,7 @@ def test_benchmark_baseline_runs_the_same_network_as_distalex():
     so the benchmark compares pipelines, not networks."""
     import importlib.util
 
-    from distalex.model import AlexNet, AlexNetSpec
+    from distalex.model.alexnet import AlexNet, AlexNetSpec
 
     from helpers import ROOT
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from distalex.config import load_config
-from distalex.plots import curve_series, plot_comparison, plot_curves
-from distalex.tracking import RunLog, read_jsonl, run_name
+from distalex.telemetry.plots import curve_series, plot_comparison, plot_curves
+from distalex.telemetry.records import RunLog, read_jsonl, run_name
 
 from helpers import ROOT, TINY, png_size
 
@@ -292,12 +292,12 @@ def test_runlog_curves_after_each_epoch_row_only(tmp_path):
 
 
 def test_runlog_plot_failure_warns_once_and_logging_goes_on(tmp_path, monkeypatch, capsys):
-    import distalex.plots
+    import distalex.telemetry.plots
 
     def boom(*a, **k):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr(distalex.plots, "plot_curves", boom)
+    monkeypatch.setattr(distalex.telemetry.plots, "plot_curves", boom)
     log = RunLog(tmp_path / "run", True, None)
     for e in range(1, 4):
         log.log(epoch_row(e, float(e)))
@@ -361,7 +361,7 @@ def test_runlog_finish_updates_summary_then_finishes_tracker(tmp_path):
 
 
 def test_credentials_decide_offline(tmp_path, monkeypatch):
-    from distalex.tracking import has_wandb_credentials
+    from distalex.telemetry.records import has_wandb_credentials
 
     for var in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)

@@ -1,4 +1,4 @@
-"""train.profile (distalex/profiling.py): the classification of a step's time, on
+"""train.profile (distalex/telemetry/profiling.py): the classification of a step's time, on
 synthetic event trees with known answers and on real profiles of the reference model."""
 
 import json
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
 from distalex.data import make_synthetic
-from distalex.model import AlexNet, AlexNetSpec
-from distalex.parallel import Mesh, Placement
-from distalex.profiling import BACKWARD, LAYER_GROUPS, STEP, StepProfiler, classify, ordered
+from distalex.model.alexnet import AlexNet, AlexNetSpec
+from distalex.parallel.placement import Mesh, Placement
+from distalex.telemetry.profiling import BACKWARD, LAYER_GROUPS, STEP, StepProfiler, classify, ordered
 
 from helpers import device_loader, png_size
 
@@ -146,7 +146,7 @@ def test_backward_goes_to_the_layer_that_made_it(tmp_path):
     """Each group's time holds its backward nodes, matched by sequence number."""
     from torch.profiler import ProfilerActivity, profile
 
-    from distalex.profiling import _ModuleLabels
+    from distalex.telemetry.profiling import _ModuleLabels
 
     spec = AlexNetSpec(width=0.125, image_size=67, lrn=True)
     model = AlexNet(spec)

@@ -1,4 +1,4 @@
-"""The LR schedules (distalex/schedule.py): constant (d2l) and plateau ÷10 (the
+"""The LR schedules (distalex/training/schedule.py): constant (d2l) and plateau ÷10 (the
 paper, §5), their semantics against torch's ReduceLROnPlateau, and an exact
 resume of the schedule through the real CLI."""
 
@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from distalex.checkpoint import read
 from distalex.config import load_config
-from distalex.schedule import LRSchedule
+from distalex.training.checkpoint import read
+from distalex.training.schedule import LRSchedule
 
 from helpers import ROOT, TINY, latest_checkpoint, metrics, run_cli
 

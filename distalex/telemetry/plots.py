@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot; training runs on machines without a display
 import matplotlib.pyplot as plt
 
-from distalex.io import atomic_write
+from distalex.runtime.io import atomic_write
 
 Series = tuple[list[float], list[float]]
 

@@ -11,7 +11,7 @@ replicas are T ranks apart (docs/design.md, "Mesh").
 hybrid: a one-dimensional mesh of W ranks that is both the data-parallel
 dimension of conv1..conv5 (each rank its B/W rows, DDP over the replicated
 parameters only) and the model-parallel dimension of fc6..fc8 (each rank 1/W
-of the units); see :mod:`distalex.hybrid`.
+of the units); see :mod:`distalex.parallel.hybrid`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distalex import determinism, hybrid
-from distalex.amp import resolve_precision
-from distalex.elastic import init_for_restarts
 from distalex.errors import ConfigError
-from distalex.model import AlexNet, AlexNetSpec, init_weights, spec_from_config
-from distalex.towers import CommStats, TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
+from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights, spec_from_config
+from distalex.parallel import hybrid
+from distalex.parallel.towers import CommStats, TowerAlexNet, ddp_bytes_per_step, gather_tensors, shard_state_dict
+from distalex.runtime import determinism
+from distalex.runtime.elastic import init_for_restarts
+from distalex.runtime.precision import resolve_precision
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ class DDPOptions:
         g = cfg.ddp
         cap = g.bucket_cap_mb
         if g.comm_hook == "powersgd" and gloo:
-            from distalex.flops import layer_counts
+            from distalex.model.flops import layer_counts
 
             grads_mb = sum(layer.params for layer in layer_counts(spec_from_config(cfg))) * 4 / 2**20
             if cap is None:
@@ -355,7 +356,7 @@ class DDPOptions:
 
 def make_accelerator(cfg, log_with=None, project_dir=None):
     """The process group (every group gets ``train.timeout_s``), this rank's device,
-    then the precision ``auto`` stands for on that device (distalex/amp.py)."""
+    then the precision ``auto`` stands for on that device (distalex/runtime/precision.py)."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import InitProcessGroupKwargs
 

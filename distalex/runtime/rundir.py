@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from distalex.errors import RunDirError
-from distalex.io import describe, remove_stale_temps
+from distalex.runtime.io import describe, remove_stale_temps
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints")
 LOCK_NAME = ".lock"

@@ -3,8 +3,8 @@
     tflops_per_sec = examples/sec x training FLOPs per example / 1e12
     mfu            = tflops_per_sec / (processes x peak TFLOP/s per process)
 
-Training FLOPs per example come from the layer shapes (:mod:`distalex.flops`:
-3 x the forward's 2 x MACs); the peak from :mod:`distalex.peak`.  Only the
+Training FLOPs per example come from the layer shapes (:mod:`distalex.model.flops`:
+3 x the forward's 2 x MACs); the peak from :mod:`distalex.telemetry.peak`.  Only the
 model's arithmetic counts, not what an implementation adds or repeats, so MFU
 compares placements and machines on the same work.
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distalex.flops import training_flops
-from distalex.peak import device_peak
+from distalex.model.flops import training_flops
+from distalex.telemetry.peak import device_peak
 
 
 @dataclass(frozen=True)

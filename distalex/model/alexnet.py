@@ -5,7 +5,7 @@ Fig. 2) on a single device: conv2, conv4 and conv5 read only their own tower's
 maps (grouped convolutions, ``groups=T``) and LRN normalises within a tower.
 conv1 sees the whole input; conv3, fc6, fc7 and fc8 read every tower.  Output
 channels are laid out tower-major (tower 0's slice first), which is what lets
-:mod:`distalex.towers` map weights to towers one to one.
+:mod:`distalex.parallel.towers` map weights to towers one to one.
 
 With the default options (towers 1, width 1, no LRN, 1x224x224 input) this is
 exactly d2l's ``nn.Sequential`` from d2l: same layers, same order,

@@ -7,7 +7,7 @@ first ones) :class:`StepProfiler` records N training steps with
 * ``trace.json`` (rank 0; ``trace_rank<r>.json`` for the others): the Chrome
   trace, which Perfetto (ui.perfetto.dev) and chrome://tracing open;
 * ``summary.json``: milliseconds per step by category, one entry per process;
-* ``profile.png``: one stacked bar per process (:func:`distalex.plots.plot_profile`).
+* ``profile.png``: one stacked bar per process (:func:`distalex.telemetry.plots.plot_profile`).
 
 Each process classifies its own main thread's wall time; rank 0 gathers the
 results (as JSON over the gloo control group) and writes the summary and the
@@ -20,8 +20,8 @@ picture.  The categories come from ``record_function`` labels with a prefix:
   backward pass is matched to these groups by the autograd sequence number
   each backward node shares with the forward op that made it.
 * ``comm:<what>`` -- communication: ``comm:tower`` (the tower exchanges of
-  :mod:`distalex.towers`), ``comm:hybrid`` (the feature and fc exchanges of
-  :mod:`distalex.hybrid`), ``comm:ddp`` (DDP's gradient all-reduce: the
+  :mod:`distalex.parallel.towers`), ``comm:hybrid`` (the feature and fc exchanges of
+  :mod:`distalex.parallel.hybrid`), ``comm:ddp`` (DDP's gradient all-reduce: the
   reducer's work during backward and the wait for its last buckets at the end
   of backward), ``comm:other`` (any other collective, e.g. the per-step stop
   flag).  A new exchange joins by opening ``record_function("comm:<name>")``
@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
-from distalex.io import write_json
+from distalex.runtime.io import write_json
 
 WARMUP_STEPS = 2
 TOP_OPS = 25  # the ops with the most self time, listed in summary.json
@@ -328,7 +328,7 @@ class StepProfiler:
         }
         write_json(self.dir / "summary.json", summary)
         try:
-            from distalex.plots import plot_profile
+            from distalex.telemetry.plots import plot_profile
 
             title = (
                 f"{self.title or 'training'}: {len(steps)} profiled steps, ms per step on each process's main thread"

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from distalex.meters import TrainMeter
-from distalex.schedule import LRSchedule
+from distalex.training.meters import TrainMeter
+from distalex.training.schedule import LRSchedule
 
 
 @dataclass

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from distalex.errors import RunDirError
-from distalex.io import append_jsonl, read_jsonl, write_json, write_jsonl
+from distalex.runtime.io import append_jsonl, read_jsonl, write_json, write_jsonl
 
 
 def _clean(row: dict) -> dict:
@@ -177,7 +177,7 @@ class RunLog:
         """(Re)draw curves.png from the whole metrics.jsonl (so a resumed run's
         curves include the epochs before the interruption)."""
         try:
-            from distalex.plots import plot_curves
+            from distalex.telemetry.plots import plot_curves
 
             plot_curves(read_jsonl(self.metrics_path), self.curves_path, title=self.title)
         except Exception as exc:  # a plot must never stop training

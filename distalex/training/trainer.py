@@ -22,18 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.profiler import record_function
 
-from distalex import amp, build, checkpoint
 from distalex.config import to_container
 from distalex.errors import Interrupted, NonFiniteLoss
-from distalex.evaluate import evaluate_accuracy
-from distalex.hostmem import keep_freed_memory
-from distalex.mfu import for_run
-from distalex.parallel import make_accelerator, setup
-from distalex.profiling import BACKWARD, StepProfiler
-from distalex.rundir import claim_output_dir, prepare_output_dir
-from distalex.signals import GracefulStop
-from distalex.state import Position
-from distalex.tracking import RunLog, run_name
+from distalex.parallel.placement import make_accelerator, setup
+from distalex.runtime import precision
+from distalex.runtime.hostmem import keep_freed_memory
+from distalex.runtime.rundir import claim_output_dir, prepare_output_dir
+from distalex.runtime.signals import GracefulStop
+from distalex.telemetry.mfu import for_run
+from distalex.telemetry.profiling import BACKWARD, StepProfiler
+from distalex.telemetry.records import RunLog, run_name
+from distalex.training import build, checkpoint
+from distalex.training.evaluate import evaluate_accuracy
+from distalex.training.state import Position
 
 
 class Trainer:
@@ -153,7 +154,7 @@ class Trainer:
             loss = F.cross_entropy(logits, y)
         with record_function(BACKWARD):
             self.accelerator.backward(loss)
-        amp.optimizer_step(self.state.optimizer, self.state.scaler)  # fp16: one skip decision for all ranks
+        precision.optimizer_step(self.state.optimizer, self.state.scaler)  # fp16: one skip decision for all ranks
         self.state.optimizer.zero_grad(set_to_none=True)
         self.state.meter.update(loss, logits, y, self.state.position.step + 1)
 

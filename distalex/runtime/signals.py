@@ -2,7 +2,7 @@
 
 A preempted job gets SIGTERM: training goes on to the next step that is a
 multiple of ``train.stop_check_every``, where every rank asks whether any rank
-was signalled (:meth:`distalex.parallel.Placement.any_rank`; the same steps on
+was signalled (:meth:`distalex.parallel.placement.Placement.any_rank`; the same steps on
 every rank, so all stop after the same step), a checkpoint is written and the
 run exits with 128 + the signal.
 """

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from distalex import checkpoint, determinism
 from distalex.config import to_container
 from distalex.data import DataBundle, SharedCheck, build_data
-from distalex.elastic import restart_count
-from distalex.meters import TrainMeter
-from distalex.schedule import LRSchedule
-from distalex.state import TrainingState
+from distalex.runtime import determinism
+from distalex.runtime.elastic import restart_count
+from distalex.training import checkpoint
+from distalex.training.meters import TrainMeter
+from distalex.training.schedule import LRSchedule
+from distalex.training.state import TrainingState
 
 
 def main_process_printer(placement):

@@ -16,7 +16,7 @@ inputs of conv3, fc6, fc7 and fc8; nowhere else:
   logits and computes the same loss, so the sum's backward is the identity:
   the loss is counted once, not T times.
 
-The layers are built by :func:`distalex.model.build_layers`, so a tower's
+The layers are built by :func:`distalex.model.alexnet.build_layers`, so a tower's
 parameters map one to one onto slices of the reference model's
 (:func:`shard_state_dict` / :func:`unshard_state_dict`).
 """
@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from distalex.model import AlexNetSpec, build_layers, run_layers
+from distalex.model.alexnet import AlexNetSpec, build_layers, run_layers
 
-# The profiler files the time spent inside this label as tower communication (distalex/profiling.py).
+# The profiler files the time spent inside this label as tower communication (distalex/telemetry/profiling.py).
 PROFILE_LABEL = "comm:tower"
 
 
@@ -155,7 +155,7 @@ def shard_state_dict(
     """This tower's slice of a reference-model state dict (or of any per-parameter
     tensors shaped like the parameters, e.g. momentum buffers).  ``dim_of(name)``:
     the dimension a parameter is cut along, None when every part holds all of it
-    (the towers' layout by default; :mod:`distalex.hybrid` passes its own)."""
+    (the towers' layout by default; :mod:`distalex.parallel.hybrid` passes its own)."""
     out = {}
     for name, tensor in reference.items():
         dim = dim_of(name)

@@ -40,11 +40,11 @@ average (the default, bf16/fp16 compression) applies to them unchanged.
 
 Each exchange is a small autograd Function over ``all_gather_single`` /
 ``reduce_scatter_single`` (they run on gloo and NCCL alike) and counts the bytes
-it sends, with ring accounting, in a :class:`~distalex.towers.CommStats`;
+it sends, with ring accounting, in a :class:`~distalex.parallel.towers.CommStats`;
 :func:`exchange_bytes_per_step` computes the same figures from the shapes.
 
 Parameter names equal the reference model's, so a checkpoint maps one to one
-(:func:`shard_dim`, :func:`distalex.towers.shard_state_dict` with ``dim_of``).
+(:func:`shard_dim`, :func:`distalex.parallel.towers.shard_state_dict` with ``dim_of``).
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from distalex.model import AlexNet, AlexNetSpec, build_layers, run_layers
-from distalex.towers import CommStats, gather_tensors
+from distalex.model.alexnet import AlexNet, AlexNetSpec, build_layers, run_layers
+from distalex.parallel.towers import CommStats, gather_tensors
 
-# The profiler files the time spent inside this label as the hybrid exchanges (distalex/profiling.py).
+# The profiler files the time spent inside this label as the hybrid exchanges (distalex/telemetry/profiling.py).
 PROFILE_LABEL = "comm:hybrid"
 FC_SHARDED = ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias", "fc8.weight")
 
@@ -80,7 +80,7 @@ def is_replicated(name: str) -> bool:
 
 
 def _profiled(exchange):
-    """Run ``exchange`` under the profiler label of the hybrid exchanges (distalex/profiling.py)."""
+    """Run ``exchange`` under the profiler label of the hybrid exchanges (distalex/telemetry/profiling.py)."""
 
     @functools.wraps(exchange)
     def labelled(*args):

@@ -14,7 +14,7 @@ the forward.  (This counts conv1's input gradient too, which nobody needs and
 PyTorch skips: 3.6 % of the d2l network's forward, 1.2 % of its training
 FLOPs.  The convention keeps the figure comparable with other frameworks'.)
 
-The count depends only on :class:`~distalex.model.AlexNetSpec`: the same for
+The count depends only on :class:`~distalex.model.alexnet.AlexNetSpec`: the same for
 every placement (model-parallel towers split the work, they do not repeat it).
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distalex.model import AlexNetSpec
+from distalex.model.alexnet import AlexNetSpec
 
 TRAINING_PASSES = 3  # forward + backward (input gradient + weight gradient)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from distalex.io import write_json
+from distalex.runtime.io import write_json
 
 # Dense peaks from the vendors' datasheets, TFLOP/s per GPU: (name pattern, {precision: peak}).
 # First match wins, so the specific names come before the general ones.  "tf32" is the

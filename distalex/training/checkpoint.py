@@ -16,7 +16,7 @@ field read back is checked before use, so a crafted file is refused with one
 line (exit 2).  The pickle-based ``step_*.pt`` files of earlier versions are
 not loaded at all: unpickling can run code (the refusal says so).
 
-Writing: rank 0 writes the file with :func:`distalex.io.atomic_write`.  A crash
+Writing: rank 0 writes the file with :func:`distalex.runtime.io.atomic_write`.  A crash
 at any moment leaves either the old set of files or the new complete one -
 never a half file under a final name.
 """
@@ -34,9 +34,9 @@ from torch import nn
 
 from distalex.config import STEP_KEYS
 from distalex.errors import CheckpointError, RunFailure, WriteError
-from distalex.io import atomic_write, ensure_dir
-from distalex.schedule import LRSchedule
-from distalex.state import Position, Totals, TrainingState
+from distalex.runtime.io import atomic_write, ensure_dir
+from distalex.training.schedule import LRSchedule
+from distalex.training.state import Position, Totals, TrainingState
 
 FORMAT = 2
 SUFFIX = ".safetensors"
@@ -412,7 +412,7 @@ def load_reference(path: str) -> nn.Module:
     """The plain reference model from any placement's checkpoint.  The network is first
     built without memory and compared with the file's tensors, so a crafted spec cannot
     make it allocate more than the file holds."""
-    from distalex.model import AlexNet, AlexNetSpec
+    from distalex.model.alexnet import AlexNet, AlexNetSpec
 
     state = read(Path(path))
     try:
