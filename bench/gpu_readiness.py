@@ -147,7 +147,8 @@ def _tower_worker(rank: int, world: int, store: str, out_dir: str, device_type: 
     import torch.nn.functional as F
 
     from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
-    from distalex.parallel.placement import Mesh, Placement, process_groups
+    from distalex.parallel.mesh import Mesh, process_groups
+    from distalex.parallel.placement import placement_for
     from distalex.runtime.precision import optimizer_step
 
     torch.backends.cudnn.allow_tf32 = False
@@ -157,7 +158,7 @@ def _tower_worker(rank: int, world: int, store: str, out_dir: str, device_type: 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timeout)
     spec = AlexNetSpec(towers=2, width=0.25, image_size=67, dropout=0.0, lrn=True)
     mesh = Mesh(world, 1, 2)  # one card shared on purpose (gloo): the placement planner would refuse it
-    placement = Placement("model-parallel", mesh, rank, dev, spec)
+    placement = placement_for("model-parallel", mesh, rank, dev, spec)
     placement.tower_group, placement.replica_group = process_groups(mesh, timeout)
     res = {}
 

@@ -53,7 +53,7 @@ def report(exc: DistalexError) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config_path = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
-    from distalex.parallel.placement import shutdown
+    from distalex.parallel.launch import shutdown
 
     try:
         cfg = load_config(config_path, args.overrides, args.split_mode)

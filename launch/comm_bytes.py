@@ -35,7 +35,7 @@ from pathlib import Path
 from distalex.config import load_config
 from distalex.model.alexnet import AlexNet, count_parameters, spec_from_config
 from distalex.parallel import hybrid
-from distalex.parallel.towers import ddp_bytes_per_step, exchange_bytes_per_step
+from distalex.parallel.comm import ddp_bytes_per_step, hybrid_bytes_per_step, tower_bytes_per_step
 
 WORLD_SIZES = (2, 4, 8, 16)
 # One direction, per process.  NVLink 4 (H100 SXM): 900 GB/s both directions;
@@ -55,11 +55,11 @@ def bytes_table(cfg) -> list[dict]:
         ddp = ddp_bytes_per_step(count_parameters(AlexNet(base)), world)
         rows.append(_row("ddp", world, f"{world} x1", 0, ddp))
         replicas = world // 2
-        tower = sum(exchange_bytes_per_step(two_towers, batch // replicas).values())
+        tower = sum(tower_bytes_per_step(two_towers, batch // replicas).values())
         mp_ddp = ddp_bytes_per_step(count_parameters(AlexNet(two_towers)) // 2, replicas) if replicas > 1 else 0
         rows.append(_row("model-parallel", world, f"{replicas} x2", tower, mp_ddp))
         if base.fc_units % world == 0 and batch % world == 0:
-            exchange = sum(hybrid.exchange_bytes_per_step(base, world, batch).values())
+            exchange = sum(hybrid_bytes_per_step(base, world, batch).values())
             conv = ddp_bytes_per_step(hybrid.replicated_parameters(base), world)
             rows.append(_row("hybrid", world, f"{world} shards", exchange, conv))
     return rows

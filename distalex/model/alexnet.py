@@ -8,7 +8,7 @@ channels are laid out tower-major (tower 0's slice first), which is what lets
 :mod:`distalex.parallel.towers` map weights to towers one to one.
 
 With the default options (towers 1, width 1, no LRN, 1x224x224 input) this is
-exactly d2l's ``nn.Sequential`` from d2l: same layers, same order,
+exactly d2l's ``nn.Sequential``: same layers, same order,
 46,764,746 parameters.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 
 from distalex.errors import ModelSpecError
 
-# The paper's widths (= the d2l d2l's): conv1..conv5 channels, fc6/fc7 units.
+# The paper's widths (= d2l's): conv1..conv5 channels, fc6/fc7 units.
 PAPER_CONV = (96, 256, 384, 384, 256)
 PAPER_FC = 4096
 # LRN constants of §3.3.  The paper divides by (k + alpha * sum)^beta; PyTorch
@@ -51,15 +51,22 @@ class AlexNetSpec:
     def fc_units(self) -> int:
         return max(1, round(PAPER_FC * self.width))
 
+    def sides(self, image_size: int | None = None) -> dict[str, int]:
+        """The side of every stage's square maps, the one place the network's shape
+        arithmetic lives (the flat feature size, the exchanges' tensors and the FLOP
+        count all read it): conv1 (11x11/4), then each 3/2 max-pool; conv2-conv5 keep
+        the side (5x5 pad 2, 3x3 pad 1).  A stage whose input is smaller than its
+        window has side 0, and so has every stage after it."""
+        n = self.image_size if image_size is None else image_size
+        out = {"conv1": max(0, (n + 2 * self.conv1_padding - 11) // 4 + 1)}
+        for pool, before in (("pool1", "conv1"), ("pool2", "pool1"), ("pool5", "pool2")):
+            side = out[before]
+            out[pool] = (side - 3) // 2 + 1 if side >= 3 else 0
+        return out
+
     def feature_size(self, image_size: int | None = None) -> int:
         """Side of conv5's pooled maps for a square input (0 if too small)."""
-        n = self.image_size if image_size is None else image_size
-        n = (n + 2 * self.conv1_padding - 11) // 4 + 1  # conv1 11x11/4
-        for _ in range(3):  # three 3/2 max-pools
-            if n < 3:
-                return 0
-            n = (n - 3) // 2 + 1
-        return n
+        return self.sides(image_size)["pool5"]
 
     def smallest_image_size(self) -> int:
         n = 1
@@ -198,7 +205,7 @@ def init_weights(model: nn.Module, scheme: str) -> None:
             nn.init.normal_(module.weight, 0.0, 0.01)
             nn.init.constant_(module.bias, 1.0 if name.split(".")[-1] in PAPER_BIAS_ONE else 0.0)
         else:
-            raise ValueError(f"unknown init scheme {scheme!r}")
+            raise ModelSpecError(f"config key 'model.init': unknown init scheme {scheme!r} (xavier or paper)")
 
 
 def spec_from_config(cfg) -> AlexNetSpec:

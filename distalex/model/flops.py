@@ -35,20 +35,14 @@ class LayerCount:
     params: int  # weights and biases
 
 
-def _conv_side(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
-    return (n + 2 * padding - kernel) // stride + 1
-
-
 def layer_counts(spec: AlexNetSpec) -> list[LayerCount]:
     """Per layer, for one example of ``spec.image_size`` x ``spec.image_size``: output, MACs, parameters."""
     spec.check()
     t = spec.towers
     c1, c2, c3, c4, c5 = spec.conv_channels
     fc = spec.fc_units
-    n1 = _conv_side(spec.image_size, 11, 4, spec.conv1_padding)
-    n2 = _conv_side(n1, 3, 2)  # pool1; conv2 keeps the side (5x5, pad 2)
-    n3 = _conv_side(n2, 3, 2)  # pool2; conv3-5 keep it (3x3, pad 1)
-    n5 = _conv_side(n3, 3, 2)  # pool5
+    sides = spec.sides()
+    n1, n2, n3, n5 = sides["conv1"], sides["pool1"], sides["pool2"], sides["pool5"]
     convs = [  # name, in channels seen by one kernel, out channels, kernel, output side
         ("conv1", spec.in_channels, c1, 11, n1),
         ("conv2", c1 // t, c2, 5, n2),  # grouped: own tower's conv1 maps

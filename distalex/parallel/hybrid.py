@@ -40,8 +40,8 @@ average (the default, bf16/fp16 compression) applies to them unchanged.
 
 Each exchange is a small autograd Function over ``all_gather_single`` /
 ``reduce_scatter_single`` (they run on gloo and NCCL alike) and counts the bytes
-it sends, with ring accounting, in a :class:`~distalex.parallel.towers.CommStats`;
-:func:`exchange_bytes_per_step` computes the same figures from the shapes.
+it sends, with ring accounting, in a :class:`~distalex.parallel.comm.CommStats`;
+:func:`distalex.parallel.comm.hybrid_bytes_per_step` computes the same figures from the shapes.
 
 Parameter names equal the reference model's, so a checkpoint maps one to one
 (:func:`shard_dim`, :func:`distalex.parallel.towers.shard_state_dict` with ``dim_of``).
@@ -56,8 +56,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.profiler import record_function
 
+from distalex.errors import ConfigError
 from distalex.model.alexnet import AlexNet, AlexNetSpec, build_layers, run_layers
-from distalex.parallel.towers import CommStats, gather_tensors
+from distalex.parallel.comm import CommStats, all_gather_bytes, reduce_scatter_bytes
+from distalex.parallel.towers import gather_tensors
 
 # The profiler files the time spent inside this label as the hybrid exchanges (distalex/telemetry/profiling.py).
 PROFILE_LABEL = "comm:hybrid"
@@ -102,7 +104,7 @@ class _GatherRows(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
         dist.all_gather_single(out, x, group=group)
-        stats.count((world - 1) * x.numel() * x.element_size())
+        stats.count(all_gather_bytes(x.numel(), world, x.element_size()))
         ctx.group, ctx.world, ctx.stats, ctx.grad_scale = group, world, stats, grad_scale
         return out
 
@@ -112,7 +114,7 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
         dist.reduce_scatter_single(out, grad, group=ctx.group)
-        ctx.stats.count((ctx.world - 1) * out.numel() * out.element_size())
+        ctx.stats.count(reduce_scatter_bytes(out.numel(), ctx.world, out.element_size()))
         if ctx.grad_scale != 1:
             out = out * ctx.grad_scale
         return out, None, None, None, None
@@ -130,7 +132,7 @@ class _GatherColumns(torch.autograd.Function):
         rows, units = x.shape
         stacked = x.new_empty((world * rows, units))
         dist.all_gather_single(stacked, x, group=group)
-        stats.count((world - 1) * x.numel() * x.element_size())
+        stats.count(all_gather_bytes(x.numel(), world, x.element_size()))
         ctx.group, ctx.world, ctx.stats = group, world, stats
         return stacked.view(world, rows, units).transpose(0, 1).reshape(rows, world * units)
 
@@ -142,7 +144,7 @@ class _GatherColumns(torch.autograd.Function):
         stacked = grad.reshape(rows, ctx.world, units).transpose(0, 1).contiguous()
         out = grad.new_empty((rows, units))
         dist.reduce_scatter_single(out, stacked.view(ctx.world * rows, units), group=ctx.group)
-        ctx.stats.count((ctx.world - 1) * out.numel() * out.element_size())
+        ctx.stats.count(reduce_scatter_bytes(out.numel(), ctx.world, out.element_size()))
         return out, None, None, None
 
 
@@ -158,7 +160,7 @@ class _SumScatterRows(torch.autograd.Function):
         partial = partial.contiguous()
         out = partial.new_empty((partial.shape[0] // world, *partial.shape[1:]))
         dist.reduce_scatter_single(out, partial, group=group)
-        stats.count((world - 1) * out.numel() * out.element_size())
+        stats.count(reduce_scatter_bytes(out.numel(), world, out.element_size()))
         ctx.group, ctx.world, ctx.stats = group, world, stats
         return out
 
@@ -168,7 +170,7 @@ class _SumScatterRows(torch.autograd.Function):
         grad = grad.contiguous()
         full = grad.new_empty((ctx.world * grad.shape[0], *grad.shape[1:]))
         dist.all_gather_single(full, grad, group=ctx.group)
-        ctx.stats.count((ctx.world - 1) * grad.numel() * grad.element_size())
+        ctx.stats.count(all_gather_bytes(grad.numel(), ctx.world, grad.element_size()))
         return full / ctx.world, None, None, None
 
 
@@ -213,7 +215,11 @@ class HybridAlexNet(nn.Module):
 
 def check_divisible(spec: AlexNetSpec, shards: int) -> None:
     if spec.fc_units % shards:
-        raise ValueError(f"{shards} shards do not divide {spec.fc_units} fc units")
+        raise ConfigError(
+            f"hybrid splits fc6/fc7's units over the processes: {spec.fc_units} units "
+            f"(model.width={spec.width}) are not divisible by W={shards} processes "
+            f"({spec.fc_units} % {shards} = {spec.fc_units % shards})"
+        )
 
 
 def reference_view(model: HybridAlexNet) -> AlexNet:
@@ -228,21 +234,6 @@ def reference_view(model: HybridAlexNet) -> AlexNet:
         reference = AlexNet(model.spec)
     reference.load_state_dict(tensors, assign=True)
     return reference.train(model.training)
-
-
-def exchange_bytes_per_step(spec: AlexNetSpec, world: int, global_batch: int, element_size: int = 4) -> dict[str, int]:
-    """Bytes one rank sends in one training step (forward + backward), by exchange,
-    with ring accounting: an all-gather or a reduce-scatter of a tensor of N
-    elements in all sends (W-1)/W * N elements per rank.  Computed from the shapes;
-    the exchanges count the same figures as they run (tested)."""
-    rows = global_batch // world  # this rank's rows
-    gathered = {
-        "fc6_input": rows * spec.flat_features,  # conv5 features, all-gathered by rows
-        "fc7_input": rows * spec.fc_units,  # B x U/W fc6 units each, all-gathered by columns
-        "fc8_output": rows * spec.num_classes,  # partial logits, reduce-scattered by rows
-    }
-    # Each exchange moves the same amount back in the backward (the adjoint collective).
-    return {k: 2 * (world - 1) * n * element_size for k, n in gathered.items()}
 
 
 def replicated_parameters(spec: AlexNetSpec) -> int:

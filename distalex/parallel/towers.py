@@ -29,26 +29,10 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from distalex.model.alexnet import AlexNetSpec, build_layers, run_layers
+from distalex.parallel.comm import CommStats, all_gather_bytes, all_reduce_bytes
 
 # The profiler files the time spent inside this label as tower communication (distalex/telemetry/profiling.py).
 PROFILE_LABEL = "comm:tower"
-
-
-class CommStats:
-    """Bytes this tower sends, by ring-algorithm accounting, since the last reset."""
-
-    def __init__(self) -> None:
-        self.bytes_sent = 0
-
-    def count(self, n: int) -> None:
-        # Not while torch.compile traces: a Python counter would be a guard that
-        # changes every step and forces a recompile each time.
-        if not torch.compiler.is_compiling():
-            self.bytes_sent += n
-
-    def pop(self) -> int:
-        sent, self.bytes_sent = self.bytes_sent, 0
-        return sent
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -77,7 +61,7 @@ class _GatherChannels(torch.autograd.Function):
             parts = [torch.empty_like(x) for _ in range(towers)]
             dist.all_gather(parts, x, group=group)
             ctx.group, ctx.towers, ctx.tower, ctx.stats = group, towers, tower, stats
-            stats.count((towers - 1) * x.numel() * x.element_size())
+            stats.count(all_gather_bytes(x.numel(), towers, x.element_size()))
             if ctx.nhwc:
                 return torch.cat(parts, dim=3).permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
             return torch.cat(parts, dim=1)
@@ -87,7 +71,7 @@ class _GatherChannels(torch.autograd.Function):
         with record_function(PROFILE_LABEL):
             grad = _channels_to_end(grad) if ctx.nhwc else grad.contiguous()
             dist.all_reduce(grad, group=ctx.group)
-            ctx.stats.count(2 * (ctx.towers - 1) * grad.numel() * grad.element_size() // ctx.towers)
+            ctx.stats.count(all_reduce_bytes(grad.numel(), ctx.towers, grad.element_size()))
             if ctx.nhwc:
                 return grad.chunk(ctx.towers, dim=3)[ctx.tower].contiguous().permute(0, 3, 1, 2), None, None, None, None
             return grad.chunk(ctx.towers, dim=1)[ctx.tower].contiguous(), None, None, None, None
@@ -102,7 +86,7 @@ class _SumOverTowers(torch.autograd.Function):
         with record_function(PROFILE_LABEL):
             x = x.contiguous().clone()
             dist.all_reduce(x, group=group)
-            stats.count(2 * (towers - 1) * x.numel() * x.element_size() // towers)
+            stats.count(all_reduce_bytes(x.numel(), towers, x.element_size()))
             return x
 
     @staticmethod
@@ -187,31 +171,3 @@ def gather_tensors(tensors: dict[str, torch.Tensor], group, towers: int, dim_of=
         dist.all_gather(gathered, t, group=group)
         out[name] = torch.cat(gathered, dim=dim)
     return out
-
-
-def exchange_bytes_per_step(spec: AlexNetSpec, local_batch: int, element_size: int = 4) -> dict[str, int]:
-    """Bytes one tower sends in one training step (forward + backward), by layer,
-    with ring accounting: an all-gather sends (T-1) shards, an all-reduce of N
-    bytes sends 2(T-1)/T * N.  Computed from the shapes; the exchanges count the
-    same figures as they run (``CommStats``), which the tests compare."""
-    t = spec.towers
-    c = spec.conv_channels
-    side = spec.feature_size()
-    pool2 = (((spec.image_size + 2 * spec.conv1_padding - 11) // 4 + 1 - 3) // 2 + 1 - 3) // 2 + 1
-    gathered = {
-        "conv3": local_batch * c[1] * pool2**2,  # elements of the full gathered tensor
-        "fc6": local_batch * c[4] * side**2,
-        "fc7": local_batch * spec.fc_units,
-    }
-    out = {}
-    for layer, n in gathered.items():
-        forward = (t - 1) * (n // t) * element_size
-        backward = 2 * (t - 1) * n * element_size // t
-        out[layer] = forward + backward
-    out["fc8"] = 2 * (t - 1) * local_batch * spec.num_classes * element_size // t  # forward sum only
-    return out
-
-
-def ddp_bytes_per_step(num_params: int, replicas: int, element_size: int = 4) -> int:
-    """Bytes one replica sends in DDP's ring all-reduce of every gradient."""
-    return 2 * (replicas - 1) * num_params * element_size // replicas

@@ -24,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 
+from distalex.config import TrainConfig
 from distalex.errors import RunDirError
 from distalex.runtime.io import describe, remove_stale_temps
 
@@ -143,9 +144,9 @@ def _remove_empty(folders) -> None:
             return
 
 
-def claim_output_dir(cfg, placement) -> RunDirLock:
+def claim_output_dir(train: TrainConfig, placement) -> RunDirLock:
     """Usable, locked, free of stale temporary files -- or RunDirError on every rank."""
-    out = Path(cfg.train.output_dir)
+    out = Path(train.output_dir)
     lock, failure = RunDirLock(out, None), None
     if placement.is_main:
         try:
@@ -159,31 +160,31 @@ def claim_output_dir(cfg, placement) -> RunDirLock:
     return lock
 
 
-def prepare_output_dir(cfg, resume_path, placement, notify=print) -> None:
+def prepare_output_dir(train: TrainConfig, resume_path, placement, notify=print) -> None:
     """Refuse an output dir that holds another run unless resuming or ``train.overwrite``;
     clear it for overwrite.  ``train.resume=auto`` with no checkpoint yet starts afresh
     when the dir holds only the records of an attempt killed before its first checkpoint
     (what a launcher's restart finds), and says so."""
-    out = Path(cfg.train.output_dir)
+    out = Path(train.output_dir)
     failure = None
     if placement.is_main:
         try:
-            _prepare(cfg, out, resume_path, notify)
+            _prepare(train, out, resume_path, notify)
         except RunDirError as exc:
             failure = exc
     if placement.any_rank(failure is not None):
         raise failure or RunDirError(f"train.output_dir '{out}' was refused on the main process")
 
 
-def _prepare(cfg, out: Path, resume_path, notify) -> None:
+def _prepare(train: TrainConfig, out: Path, resume_path, notify) -> None:
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if _is_empty_dir(out / "checkpoints"):
         existing.remove("checkpoints")
     if resume_path is not None or not existing:
         return
     unfinished_attempt = "summary.json" not in existing and "checkpoints" not in existing
-    if cfg.train.overwrite or (cfg.train.resume == "auto" and unfinished_attempt):
-        if not cfg.train.overwrite:
+    if train.overwrite or (train.resume == "auto" and unfinished_attempt):
+        if not train.overwrite:
             notify(
                 f"distalex: no checkpoint in {out} yet: starting from step 0 "
                 f"(replacing {', '.join(existing)} of an attempt that stopped before its first checkpoint)"
@@ -192,7 +193,7 @@ def _prepare(cfg, out: Path, resume_path, notify) -> None:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         return
-    why = "no checkpoint to resume from" if cfg.train.resume == "auto" else "train.resume is unset"
+    why = "no checkpoint to resume from" if train.resume == "auto" else "train.resume is unset"
     raise RunDirError(
         f"train.output_dir '{out}' already holds a run ({', '.join(existing)}; {why}); "
         f"pass train.resume=auto to continue it or train.overwrite=true to replace it"

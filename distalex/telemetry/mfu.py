@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distalex.config import TrainConfig
 from distalex.model.flops import training_flops
 from distalex.telemetry.peak import device_peak
 
@@ -39,9 +40,9 @@ class Utilization:
         return info
 
 
-def for_run(cfg, placement) -> tuple[Utilization, str]:
+def for_run(train: TrainConfig, placement) -> tuple[Utilization, str]:
     """This run's utilisation figures and the line that tells where its peak comes from."""
-    peak, line = device_peak(placement.device, cfg.train.mixed_precision, cfg.train.peak_tflops)
+    peak, line = device_peak(placement.device, train.mixed_precision, train.peak_tflops)
     util = Utilization(
         flops_per_example=training_flops(placement.spec),
         processes=placement.mesh.world_size,

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
+from distalex.parallel.placement import BACKWARD  # the label around the backward pass
 from distalex.runtime.io import write_json
 
 WARMUP_STEPS = 2
@@ -55,7 +56,6 @@ TOP_OPS = 25  # the ops with the most self time, listed in summary.json
 # The groups of the stacked bars, in order (comm:* groups are open-ended and follow fc8).
 LAYER_GROUPS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 ORDER = ("data", *LAYER_GROUPS, "loss", "optimizer")
-BACKWARD = "backward"  # the label train_step puts around the backward pass
 STEP = "profiled_step#"  # the label around each recorded step (from one step's end to the next's)
 
 

@@ -1,25 +1,146 @@
-"""Building a run from its config: what the Trainer needs before its first step.
+"""Building a run from its config: everything the trainer needs before its first step.
 
-Each function does one thing.  The order in which ``Trainer`` calls them is the
-rule that matters: everything that can refuse the run (the resume checkpoint,
-the data and its files) comes before anything is written.
+:func:`build_run` is the one place a run is put together; it hands the trainer a
+finished :class:`Run`.  Each derived value (the network's spec, DDP's options,
+the process groups' timeout) is computed here, once.  The order is the rule that
+matters: everything that can refuse the run (the placement, the output dir, the
+resume checkpoint, the data and its files) comes before anything is written.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from distalex.config import to_container
+from distalex.config import OptimConfig, TrainConfig, to_container
 from distalex.data import DataBundle, SharedCheck, build_data
+from distalex.model.alexnet import spec_from_config
+from distalex.parallel.ddp import DDPOptions
+from distalex.parallel.launch import group_timeout, make_accelerator
+from distalex.parallel.placement import Placement, make_placement
 from distalex.runtime import determinism
 from distalex.runtime.elastic import restart_count
+from distalex.runtime.hostmem import keep_freed_memory
+from distalex.runtime.rundir import RunDirLock, claim_output_dir, prepare_output_dir
+from distalex.telemetry.mfu import Utilization, for_run
+from distalex.telemetry.profiling import StepProfiler
+from distalex.telemetry.records import RunLog
+from distalex.telemetry.tracker import run_name
 from distalex.training import checkpoint
 from distalex.training.meters import TrainMeter
 from distalex.training.schedule import LRSchedule
 from distalex.training.state import TrainingState
+
+
+@dataclass
+class Run:
+    """Everything one run needs, built and checked: the trainer only runs the loop over it."""
+
+    cfg: object  # the validated, read-only config (recorded in checkpoints and wandb)
+    accelerator: object
+    placement: Placement
+    run_dir: RunDirLock  # this run's claim on train.output_dir, released by close()
+    data: DataBundle
+    state: TrainingState
+    model: nn.Module  # what a training step calls: the placed model, wrapped for DDP, compiled if asked
+    log: RunLog
+    profiler: StepProfiler
+    utilization: Utilization
+    run_info: dict  # the head of summary.json and of the wandb run's config
+    max_steps: int
+    eval_batch: int  # rows per process in evaluation
+    started: float  # perf_counter() when this segment of the run started
+    last_eval: dict  # the newest evaluation row (checkpointed with the state)
+    checkpointed_step: int | None  # the step whose checkpoint this run's own dir holds
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.data.train.batches_per_epoch
+
+    def close(self) -> None:
+        """Give the output dir back (on every exit; a killed run's lock goes with its process)."""
+        self.run_dir.release()
+
+
+def build_run(cfg) -> Run:
+    """The finished run for ``cfg``; on any failure the output dir is released again."""
+    started = time.perf_counter()
+    spec = spec_from_config(cfg)
+    spec.check()
+    timeout = group_timeout(cfg.train)
+    ddp = DDPOptions.from_config(cfg.ddp, spec, gloo=not torch.cuda.is_available())
+    accelerator = make_accelerator(
+        cfg.train,
+        ddp,
+        timeout,
+        log_with="wandb" if cfg.tracking.wandb else None,
+        project_dir=cfg.train.output_dir,
+    )
+    placement = make_placement(cfg.split_mode, spec, cfg.train.batch_size, ddp, timeout, accelerator)
+    if cfg.train.reuse_host_memory and placement.device.type == "cpu":
+        keep_freed_memory()
+    for notice in placement.notices:
+        accelerator.print(f"distalex: {notice}")
+    # The run owns its output dir from here to its end (released by Run.close(), or by
+    # the kernel when the process dies).
+    run_dir = claim_output_dir(cfg.train, placement)
+    try:
+        return _build(cfg, accelerator, placement, run_dir, started)
+    except BaseException:
+        run_dir.release()
+        raise
+
+
+def _build(cfg, accelerator, p: Placement, run_dir: RunDirLock, started: float) -> Run:
+    warn = main_process_printer(p)
+    # Everything that can refuse the run does so before anything is written.
+    resume_path, saved = read_resume_checkpoint(cfg, p, warn)
+    data = load_data(cfg, p, warn)
+    prepare_output_dir(cfg.train, resume_path, p, notify=warn)
+    utilization, peak_line = for_run(cfg.train, p)
+    accelerator.print(f"distalex: {peak_line}")
+
+    state = fresh_state(p, accelerator, cfg.model.init, cfg.optim, cfg.train)
+    last_eval: dict = {}
+    checkpointed_step = None
+    if saved is not None:
+        last_eval = restore(saved, resume_path, p, state, accelerator)
+        if Path(resume_path).resolve().parent == Path(checkpoint.checkpoint_dir(cfg.train.output_dir)).resolve():
+            checkpointed_step = state.position.step
+    # The raw module lives in state.model; DDP wraps it, torch.compile (optionally) the wrapper.
+    wrapped = p.wrap(state.model, accelerator)
+    model = torch.compile(wrapped) if cfg.train.compile else wrapped
+
+    log = RunLog(cfg.train.output_dir, p.is_main, accelerator, plots=cfg.tracking.plots)
+    if saved is not None:
+        log.trim_after(state.position.step, carried=last_eval)
+    info = run_info(cfg, p, accelerator, utilization)
+    name = run_name(cfg, p.mesh.world_size, info["device"], info["mixed_precision"])
+    log.start_wandb(cfg, {**info, "config": to_container(cfg)}, name)
+    t = cfg.train
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        placement=p,
+        run_dir=run_dir,
+        data=data,
+        state=state,
+        model=model,
+        log=log,
+        profiler=StepProfiler(t.profile, state.model, p, t.output_dir, log.title),
+        utilization=utilization,
+        run_info=info,
+        max_steps=t.max_steps or t.epochs * data.train.batches_per_epoch,
+        eval_batch=max(1, (cfg.eval.batch_size or t.batch_size) // p.mesh.replicas),
+        started=started,
+        last_eval=last_eval,
+        checkpointed_step=checkpointed_step,
+    )
 
 
 def main_process_printer(placement):
@@ -53,17 +174,16 @@ def load_data(cfg, placement, warn) -> DataBundle:
     return data
 
 
-def fresh_state(cfg, placement, accelerator) -> TrainingState:
+def fresh_state(placement, accelerator, init: str, o: OptimConfig, train: TrainConfig) -> TrainingState:
     """Step 0: the placed model at its initial weights, SGD as configured, a new schedule and meter."""
-    model = placement.build_model(cfg.model.init, cfg.train.seed)
-    if cfg.train.channels_last:
+    model = placement.build_model(init, train.seed)
+    if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    o = cfg.optim
     sgd = torch.optim.SGD(
         model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=o.foreach
     )
     # Dropout draws differ per rank; the data order does not use this RNG.
-    torch.manual_seed(cfg.train.seed * 1000 + placement.rank + 1)
+    torch.manual_seed(train.seed * 1000 + placement.rank + 1)
     return TrainingState(
         model=model,
         optimizer=accelerator.prepare_optimizer(sgd),
@@ -106,13 +226,13 @@ def run_info(cfg, placement, accelerator, utilization) -> dict:
     }
 
 
-def progress_bar(cfg, placement, total: int, initial: int):
+def progress_bar(train: TrainConfig, title: str, placement, total: int, initial: int):
     """A tqdm bar on the main process (if train.progress), a stand-in elsewhere."""
-    if not (placement.is_main and cfg.train.progress):
+    if not (placement.is_main and train.progress):
         return _NoProgress()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=cfg.experiment, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=title, dynamic_ncols=True)
 
 
 class _NoProgress:

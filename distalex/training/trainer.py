@@ -1,7 +1,7 @@
 """The training loop: step, evaluate, log, checkpoint.  Helpers do the work.
 
-Placement (parallel.py) decides where every tensor lives; the loop is the same
-for every split mode.  Figures that need a host sync (loss, accuracy, NaN
+The placement (distalex/parallel/placement.py) decides where every tensor lives and
+runs forward and backward; the loop is the same for every split mode.  Figures that need a host sync (loss, accuracy, NaN
 checks) are accumulated on the device and read only at log intervals, epoch
 ends and checkpoints.
 
@@ -16,101 +16,46 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.autograd.profiler import record_function
 
 from distalex.config import to_container
 from distalex.errors import Interrupted, NonFiniteLoss
-from distalex.parallel.placement import make_accelerator, setup
 from distalex.runtime import precision
-from distalex.runtime.hostmem import keep_freed_memory
-from distalex.runtime.rundir import claim_output_dir, prepare_output_dir
 from distalex.runtime.signals import GracefulStop
-from distalex.telemetry.mfu import for_run
-from distalex.telemetry.profiling import BACKWARD, StepProfiler
-from distalex.telemetry.records import RunLog, run_name
-from distalex.training import build, checkpoint
+from distalex.training import checkpoint
+from distalex.training.build import Run, build_run, progress_bar
 from distalex.training.evaluate import evaluate_accuracy
 from distalex.training.state import Position
 
 
 class Trainer:
-    """One run: built from the config, then ``fit()``.  Each method does one thing."""
+    """The loop over a built :class:`~distalex.training.build.Run`: step, log, evaluate,
+    checkpoint.  Each method does one thing; none branches on the split mode."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.started = time.perf_counter()
-        self.accelerator = make_accelerator(
-            cfg, log_with="wandb" if cfg.tracking.wandb else None, project_dir=cfg.train.output_dir
-        )
-        self.placement = setup(cfg, self.accelerator)
-        if cfg.train.reuse_host_memory and self.placement.device.type == "cpu":
-            keep_freed_memory()
-        for notice in self.placement.notices:
-            self.accelerator.print(f"distalex: {notice}")
-        # The run owns its output dir from here to its end (released by close(), or by
-        # the kernel when the process dies).
-        self.run_dir = claim_output_dir(cfg, self.placement)
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-
-    def _build(self) -> None:
-        cfg, p = self.cfg, self.placement
-        self._warn = build.main_process_printer(p)
-        # Everything that can refuse the run does so before anything is written.
-        resume_path, saved = build.read_resume_checkpoint(cfg, p, self._warn)
-        self.data = build.load_data(cfg, p, self._warn)
-        prepare_output_dir(cfg, resume_path, p, notify=self._warn)
-        self.utilization, peak_line = for_run(cfg, p)
-        self.accelerator.print(f"distalex: {peak_line}")
-
-        self.state = build.fresh_state(cfg, p, self.accelerator)
-        self.last_eval: dict = {}  # the newest evaluation row (checkpointed with the state)
-        # The step whose checkpoint this run's own dir holds (a run always ends with one there,
-        # also a finished run resumed into a new dir).
-        self.checkpointed_step: int | None = None
-        if saved is not None:
-            self.last_eval = build.restore(saved, resume_path, p, self.state, self.accelerator)
-            if Path(resume_path).resolve().parent == Path(checkpoint.checkpoint_dir(cfg.train.output_dir)).resolve():
-                self.checkpointed_step = self.state.position.step
-        # The raw module lives in self.state.model; DDP wraps it, torch.compile (optionally) the wrapper.
-        self.wrapped_model = p.wrap(self.state.model, self.accelerator)
-        self.compiled_model = torch.compile(self.wrapped_model) if cfg.train.compile else self.wrapped_model
-
-        self.steps_per_epoch = self.data.train.batches_per_epoch
-        self.max_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        self.eval_batch = max(1, (cfg.eval.batch_size or cfg.train.batch_size) // p.mesh.replicas)
-        self.log = RunLog(cfg.train.output_dir, p.is_main, self.accelerator, plots=cfg.tracking.plots)
-        if saved is not None:
-            self.log.trim_after(self.state.position.step, carried=self.last_eval)
-        self.run_info = build.run_info(cfg, p, self.accelerator, self.utilization)
-        self.log.start_wandb(
-            cfg,
-            {**self.run_info, "config": to_container(cfg)},
-            run_name(cfg, p.mesh.world_size, self.run_info["device"], self.run_info["mixed_precision"]),
-        )
-        self.profiler = StepProfiler(cfg.train.profile, self.state.model, p, cfg.train.output_dir, self.log.title)
+    def __init__(self, run: Run):
+        self.run = run
+        self.cfg = run.cfg
+        self.accelerator, self.placement, self.state = run.accelerator, run.placement, run.state
+        self.data, self.log, self.profiler = run.data, run.log, run.profiler
+        self.max_steps, self.steps_per_epoch = run.max_steps, run.steps_per_epoch
 
     def close(self) -> None:
-        """Give the output dir back (on every exit; a killed run's lock goes with its process)."""
-        self.run_dir.release()
+        """Give the output dir back (see :meth:`Run.close`)."""
+        self.run.close()
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> dict:
-        bar = build.progress_bar(self.cfg, self.placement, self.max_steps, self.state.position.step)
+        bar = progress_bar(
+            self.cfg.train, self.cfg.experiment, self.placement, self.max_steps, self.state.position.step
+        )
         with GracefulStop() as stop, bar as progress, self.profiler:
             # Until no step is left and the last one is evaluated (a run resumed after its
             # last step but before its last evaluation does only that evaluation).
-            while self._steps_left() or self.last_eval.get("step") != self.state.position.step:
+            while self._steps_left() or self.run.last_eval.get("step") != self.state.position.step:
                 self.train_epoch(stop, progress)
                 self.end_epoch()
-        if self.checkpointed_step != self.state.position.step:
+        if self.run.checkpointed_step != self.state.position.step:
             self.save()
         return self.finish()
 
@@ -149,11 +94,9 @@ class Trainer:
         self.profiler.end_epoch()  # evaluation and checkpoints are not training steps
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        with self.accelerator.autocast():
-            logits = self.compiled_model(x)
-            loss = F.cross_entropy(logits, y)
-        with record_function(BACKWARD):
-            self.accelerator.backward(loss)
+        loss, logits = self.placement.forward_backward(
+            self.run.model, x, y, self.accelerator.autocast, self.accelerator.backward
+        )
         precision.optimizer_step(self.state.optimizer, self.state.scaler)  # fp16: one skip decision for all ranks
         self.state.optimizer.zero_grad(set_to_none=True)
         self.state.meter.update(loss, logits, y, self.state.position.step + 1)
@@ -179,7 +122,7 @@ class Trainer:
         self.check_finite()
         s = self.state
         figures = s.meter.read_epoch()
-        self.last_eval = {
+        self.run.last_eval = {
             "step": s.position.step,
             "epoch": self._epoch_float(),
             "loss": figures.loss,
@@ -189,11 +132,11 @@ class Trainer:
             "epoch_time_s": s.meter.train_time,
             "lr": s.schedule.lr,
         }
-        self.log.log(self.last_eval)
+        self.log.log(self.run.last_eval)
         if s.position.batch >= self.steps_per_epoch:  # a whole epoch, not a max_steps stop
             s.totals.train_examples += figures.seen
             s.totals.train_time += s.meter.train_time
-            s.schedule.step_epoch(1.0 - self.last_eval["test_acc"])
+            s.schedule.step_epoch(1.0 - self.run.last_eval["test_acc"])
             s.schedule.apply(s.optimizer)
             s.position = Position(epoch=s.position.epoch + 1, batch=0, step=s.position.step)
             s.meter.new_epoch()
@@ -203,7 +146,7 @@ class Trainer:
         return evaluate_accuracy(
             self.placement.inference_model(self.state.model),
             self.data.test,
-            self.eval_batch,
+            self.run.eval_batch,
             self.placement,
             self.accelerator.autocast,
             self.data.num_classes,
@@ -226,21 +169,23 @@ class Trainer:
                 f"{checkpoint.kept(self.cfg.train.output_dir)}"
             )
         self.state.totals.wall_time = self._wall_time()
-        self.started = time.perf_counter()
-        self.checkpointed_step = self.state.position.step
+        self.run.started = time.perf_counter()
+        self.run.checkpointed_step = self.state.position.step
         return checkpoint.save(
             self.placement,
             self.state,
             to_container(self.cfg),
             self.cfg.train.output_dir,
             self.cfg.train.keep_checkpoints,
-            last_eval=self.last_eval,
+            last_eval=self.run.last_eval,
         )
 
     def finish(self) -> dict:
         s = self.state
-        summary = {k: self.last_eval[k] for k in ("loss", "train_acc", "test_acc", "test_top5") if k in self.last_eval}
-        summary.update(self.run_info)
+        summary = {
+            k: self.run.last_eval[k] for k in ("loss", "train_acc", "test_acc", "test_top5") if k in self.run.last_eval
+        }
+        summary.update(self.run.run_info)
         # Finished epochs plus the epoch a max_steps stop cut short (all from the checkpoint on resume).
         examples = s.totals.train_examples + s.meter.read_epoch().seen
         train_time = s.totals.train_time + s.meter.train_time
@@ -262,7 +207,7 @@ class Trainer:
     # -- small helpers ------------------------------------------------------------------
     def _speed(self, examples_per_sec: float) -> dict:
         """examples/sec with the model TFLOP/s and MFU it stands for."""
-        return {"examples_per_sec": examples_per_sec, **self.utilization.figures(examples_per_sec)}
+        return {"examples_per_sec": examples_per_sec, **self.run.utilization.figures(examples_per_sec)}
 
     def _epoch_float(self) -> float:
         p = self.state.position
@@ -270,12 +215,13 @@ class Trainer:
 
     def _wall_time(self) -> float:
         """Wall time of the whole run: earlier segments (before a resume) plus this one."""
-        return self.state.totals.wall_time + time.perf_counter() - self.started
+        return self.state.totals.wall_time + time.perf_counter() - self.run.started
 
 
 def train(cfg) -> dict:
-    trainer = Trainer(cfg)
+    """Train the run ``cfg`` describes to its end; its summary."""
+    run = build_run(cfg)
     try:
-        return trainer.fit()
+        return Trainer(run).fit()
     finally:
-        trainer.close()
+        run.close()

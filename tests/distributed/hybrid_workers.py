@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
-from distalex.parallel.placement import Mesh, Placement, process_groups
+from distalex.parallel.mesh import Mesh, process_groups
+from distalex.parallel.placement import Placement, placement_for
 
 SPEC = dict(width=0.125, image_size=67, dropout=0.0, lrn=True)
 GLOBAL_BATCH = 8
@@ -22,7 +23,7 @@ def _placement(rank: int, world: int, towers: int, store_path: str) -> Placement
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=timeout)
     spec = AlexNetSpec(towers=towers, **SPEC)
     mesh = Mesh.plan("hybrid", world, towers, GLOBAL_BATCH, "no", cuda=False, fc_units=spec.fc_units)
-    placement = Placement("hybrid", mesh, rank, torch.device("cpu"), spec)
+    placement = placement_for("hybrid", mesh, rank, torch.device("cpu"), spec)
     placement.tower_group, placement.replica_group = process_groups(mesh, timeout)
     placement.shard_group = dist.new_group(list(range(world)), timeout=timeout)
     return placement

@@ -7,7 +7,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from distalex.parallel.hybrid import exchange_bytes_per_step, shard_dim
+from distalex.parallel.comm import hybrid_bytes_per_step
+from distalex.parallel.hybrid import shard_dim
 from distalex.parallel.towers import shard_state_dict
 
 import hybrid_workers as w
@@ -44,7 +45,7 @@ def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers):
         for name, g in mine.items():
             assert rel_err(res["local_grads"][name], g) <= 1e-5, (rank, name)
     # Each rank sent exactly the bytes the shape arithmetic predicts (three exchanges, forward and backward).
-    expected = sum(exchange_bytes_per_step(ref.spec, world, x.shape[0]).values())
+    expected = sum(hybrid_bytes_per_step(ref.spec, world, x.shape[0]).values())
     assert expected > 0 and all(res["bytes"] == expected for res in results)
     # Evaluation: shares of different sizes per rank; the inference model (fc shards
     # gathered) gives every rank the reference's logits for its own rows.

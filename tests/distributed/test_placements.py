@@ -9,7 +9,7 @@ import torch
 from distalex.config import load_config
 from distalex.model.alexnet import AlexNet, count_parameters, spec_from_config
 from distalex.parallel import hybrid
-from distalex.parallel.towers import ddp_bytes_per_step
+from distalex.parallel.comm import ddp_bytes_per_step, hybrid_bytes_per_step
 from distalex.training.checkpoint import load_reference, read
 
 from helpers import (
@@ -94,7 +94,7 @@ def test_hybrid_follows_single(runs):
         spec = spec_from_config(cfg)
         rows = [r for r in metrics(runs[name]) if "hybrid_bytes_per_step" in r]
         assert len(rows) == STEPS
-        expected = sum(hybrid.exchange_bytes_per_step(spec, world, cfg.train.batch_size).values())
+        expected = sum(hybrid_bytes_per_step(spec, world, cfg.train.batch_size).values())
         assert all(r["hybrid_bytes_per_step"] == expected for r in rows)
         conv = ddp_bytes_per_step(hybrid.replicated_parameters(spec), world)
         assert all(r["ddp_bytes_per_step"] == conv for r in rows)

@@ -5,7 +5,8 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from distalex.parallel.towers import exchange_bytes_per_step, shard_state_dict
+from distalex.parallel.comm import tower_bytes_per_step
+from distalex.parallel.towers import shard_state_dict
 
 import tower_workers as w
 
@@ -42,7 +43,7 @@ def test_forward_and_every_gradient_equal_reference(tmp_path, world, towers, cha
             assert rel_err(res["grads"][name], p.grad) <= 1e-5, name
             assert torch.equal(res["weights"][name], p.detach())
     # Each tower sent exactly the bytes the shape arithmetic predicts (gathers, fc8 sum, backward).
-    expected = sum(exchange_bytes_per_step(ref.spec, local).values())
+    expected = sum(tower_bytes_per_step(ref.spec, local).values())
     assert expected > 0 and all(res["bytes"] == expected for res in results)
 
 

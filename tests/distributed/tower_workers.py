@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
-from distalex.parallel.placement import Mesh, Placement, process_groups
+from distalex.parallel.mesh import Mesh, process_groups
+from distalex.parallel.placement import Placement, placement_for
 from distalex.parallel.towers import shard_state_dict
 
 SPEC = dict(width=0.125, image_size=67, dropout=0.0, lrn=True)
@@ -21,7 +22,7 @@ def _placement(rank: int, world: int, towers: int, store_path: str, timeout_s: f
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=timeout)
     mesh = Mesh.plan("model-parallel", world, towers, global_batch=8, mixed_precision="no", cuda=False)
-    placement = Placement("model-parallel", mesh, rank, torch.device("cpu"), AlexNetSpec(towers=towers, **SPEC))
+    placement = placement_for("model-parallel", mesh, rank, torch.device("cpu"), AlexNetSpec(towers=towers, **SPEC))
     placement.tower_group, placement.replica_group = process_groups(mesh, timeout)
     return placement
 

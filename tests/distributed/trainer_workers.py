@@ -41,13 +41,14 @@ def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
     )
     torch.set_num_threads(1)
     from distalex.config import load_config
-    from distalex.parallel.placement import shutdown
+    from distalex.parallel.launch import shutdown
+    from distalex.training.build import build_run
     from distalex.training.trainer import Trainer
 
     outcome = "finished"
     try:
         cfg = load_config(TINY, [*SETTINGS, f"train.output_dir={out_dir}/run"], split_mode="ddp")
-        trainer = Trainer(cfg)
+        trainer = Trainer(build_run(cfg))
         nan_loss_at(trainer, nan_step, poison=rank == nan_rank)
         trainer.fit()
     except Exception as exc:  # recorded for the test to judge

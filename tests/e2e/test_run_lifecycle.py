@@ -75,11 +75,11 @@ KILLER = textwrap.dedent("""
         setattr(owner, name, patched)
 
     if boundary == "after_step":  # the optimizer step of `step` is done, nothing else
-        after(train.Trainer, "train_step", lambda self, x, y: self.state.position.step + 1 == step)
+        after(trainer.Trainer, "train_step", lambda self, x, y: self.state.position.step + 1 == step)
     elif boundary == "after_step_checkpoint":  # the step's checkpoint, not its evaluation's
         after(checkpoint, "save", lambda placement, state, *a, **k: state.position.step == step)
     elif boundary == "after_last_checkpoint":  # the evaluation and its checkpoint, no summary
-        after(train.Trainer, "end_epoch", lambda self: self.state.position.step == step)
+        after(trainer.Trainer, "end_epoch", lambda self: self.state.position.step == step)
     elif boundary == "during_summary_write":  # summary.json's temporary file written, not renamed
         before(os, "replace", lambda src, dst, *a, **k: str(dst).endswith("summary.json"))
     elif boundary == "after_summary":

@@ -107,7 +107,8 @@ def test_make_accelerator_resolves_auto_on_the_device_it_set(monkeypatch, no_lau
     accelerate is decided on cuda:1, the device the process state set for this rank."""
     import accelerate
 
-    from distalex.parallel import placement
+    from distalex.parallel import launch
+    from distalex.parallel.ddp import DDPOptions
 
     fake_gpus(monkeypatch, {0: (8, 0), 1: (7, 0)})
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
@@ -122,7 +123,7 @@ def test_make_accelerator_resolves_auto_on_the_device_it_set(monkeypatch, no_lau
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: made.setdefault("accelerator", kwargs))
     cfg = load_config(None, ["train.timeout_s=42"])
     assert cfg.train.mixed_precision == "auto"
-    placement.make_accelerator(cfg)
+    launch.make_accelerator(cfg.train, DDPOptions(), launch.group_timeout(cfg.train))
     assert made["accelerator"]["mixed_precision"] == "no"
     assert made["state"]["timeout"].total_seconds() == 42 and made["state"]["cpu"] is False
 

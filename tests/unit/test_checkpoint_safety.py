@@ -216,16 +216,16 @@ def cfg_for(out):
 
 def test_lock_is_exclusive_names_holder_and_is_released(tmp_path):
     out = tmp_path / "runs" / "run"
-    first = claim_output_dir(cfg_for(out), main_process())
+    first = claim_output_dir(cfg_for(out).train, main_process())
     holder = (out / LOCK_NAME).read_text()
     assert f"pid {os.getpid()}" in holder
     with pytest.raises(RunDirError) as info:
-        claim_output_dir(cfg_for(out), main_process())  # flock: a second open file conflicts, even in-process
+        claim_output_dir(cfg_for(out).train, main_process())  # flock: a second open file conflicts, even in-process
     msg = str(info.value)
     assert "in use by another run" in msg and f"pid {os.getpid()}" in msg and os.uname().nodename in msg
     first.release()
     assert not (tmp_path / "runs").exists(), "a run that wrote nothing leaves nothing behind"
-    again = claim_output_dir(cfg_for(out), main_process())
+    again = claim_output_dir(cfg_for(out).train, main_process())
     again.release()
 
 
@@ -235,13 +235,13 @@ def test_lock_of_a_killed_holder_is_free(tmp_path):
         import os, signal, types
         from distalex.runtime.rundir import claim_output_dir
         cfg = types.SimpleNamespace(train=types.SimpleNamespace(output_dir={str(out)!r}))
-        claim_output_dir(cfg, types.SimpleNamespace(is_main=True, any_rank=lambda f: f))
+        claim_output_dir(cfg.train, types.SimpleNamespace(is_main=True, any_rank=lambda f: f))
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     assert (out / LOCK_NAME).exists()  # stale: the file stays, the lock went with the process
-    claim_output_dir(cfg_for(out), main_process()).release()
+    claim_output_dir(cfg_for(out).train, main_process()).release()
 
 
 def test_stale_temporary_files_are_removed_by_the_owner(tmp_path):
@@ -251,7 +251,7 @@ def test_stale_temporary_files_are_removed_by_the_owner(tmp_path):
         p.write_bytes(b"half")
     keep = tmp_path / "notes.tmp"
     keep.write_text("mine")
-    claim_output_dir(cfg_for(tmp_path), main_process()).release()
+    claim_output_dir(cfg_for(tmp_path).train, main_process()).release()
     assert not any(p.exists() for p in stale) and keep.exists()
     assert remove_stale_temps(tmp_path / "nowhere") == []
 

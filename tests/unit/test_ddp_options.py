@@ -8,11 +8,12 @@ from accelerate.utils import DDPCommunicationHookType
 from distalex.config import ConfigError, load_config
 from distalex.model.alexnet import spec_from_config
 from distalex.model.flops import layer_counts
-from distalex.parallel.placement import DDPOptions
+from distalex.parallel.ddp import DDPOptions
 
 
 def options(*overrides, gloo=True):
-    return DDPOptions.from_config(load_config(None, list(overrides)), gloo=gloo)
+    cfg = load_config(None, list(overrides))
+    return DDPOptions.from_config(cfg.ddp, spec_from_config(cfg), gloo=gloo)
 
 
 def test_defaults_leave_ddp_as_pytorch_makes_it():
@@ -46,9 +47,11 @@ def test_bucket_and_view_options_reach_ddp():
 def test_powersgd_over_gloo_gets_one_bucket():
     cfg = load_config(None, ["ddp.comm_hook=powersgd"])
     grads_mb = sum(layer.params for layer in layer_counts(spec_from_config(cfg))) * 4 / 2**20
-    opts = DDPOptions.from_config(cfg, gloo=True)
+    opts = DDPOptions.from_config(cfg.ddp, spec_from_config(cfg), gloo=True)
     assert opts.bucket_cap_mb >= grads_mb
-    assert DDPOptions.from_config(cfg, gloo=False).bucket_cap_mb is None  # NCCL: DDP's buckets
+    assert (
+        DDPOptions.from_config(cfg.ddp, spec_from_config(cfg), gloo=False).bucket_cap_mb is None
+    )  # NCCL: DDP's buckets
 
 
 def test_powersgd_over_gloo_refuses_a_small_bucket_with_the_numbers():
@@ -63,8 +66,8 @@ def test_powersgd_over_gloo_refuses_a_small_bucket_with_the_numbers():
 def test_bytes_per_step_follow_the_hook():
     from torch import nn
 
-    from distalex.parallel.placement import DDPOptions
-    from distalex.parallel.towers import ddp_bytes_per_step
+    from distalex.parallel.comm import ddp_bytes_per_step
+    from distalex.parallel.ddp import DDPOptions
 
     model = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 2))  # weights 50x100 and 2x50, biases 50 and 2
     elements = 5000 + 50 + 100 + 2

@@ -48,7 +48,8 @@ def test_without_deterministic_cudnn_benchmark_follows_the_config_on_gpus(restor
 def test_make_accelerator_configures_before_the_process_state_touches_the_device(restore_torch_flags, monkeypatch):
     import accelerate
 
-    from distalex.parallel import placement
+    from distalex.parallel import launch
+    from distalex.parallel.ddp import DDPOptions
 
     seen = {}
 
@@ -60,7 +61,8 @@ def test_make_accelerator_configures_before_the_process_state_touches_the_device
 
     monkeypatch.setattr(accelerate, "PartialState", FakeState)
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: None)
-    placement.make_accelerator(load_config(None, ["train.deterministic=true"]))
+    cfg = load_config(None, ["train.deterministic=true"])
+    launch.make_accelerator(cfg.train, DDPOptions(), launch.group_timeout(cfg.train))
     assert seen == {"env": ":4096:8", "deterministic": True}
 
 

@@ -10,8 +10,9 @@ import torch
 from distalex.errors import ConfigError
 from distalex.model.alexnet import AlexNet, AlexNetSpec, count_parameters, init_weights
 from distalex.parallel import hybrid
-from distalex.parallel.placement import Mesh
-from distalex.parallel.towers import ddp_bytes_per_step, shard_state_dict, unshard_state_dict
+from distalex.parallel.comm import ddp_bytes_per_step, hybrid_bytes_per_step
+from distalex.parallel.mesh import Mesh
+from distalex.parallel.towers import shard_state_dict, unshard_state_dict
 
 from helpers import ROOT
 
@@ -77,7 +78,7 @@ def test_bytes_of_the_d2l_network_are_far_below_ddp():
     full = count_parameters(AlexNet(s))
     conv = hybrid.replicated_parameters(s)
     assert 0.07 < conv / full < 0.09  # the paper's "~8% of the parameters"
-    exchange = sum(hybrid.exchange_bytes_per_step(s, 2, 128).values())
+    exchange = sum(hybrid_bytes_per_step(s, 2, 128).values())
     # forward + backward: 2 (W-1) rows (features + fc6 units + logits) x 4 bytes, rows = B/W
     assert exchange == 2 * 1 * 64 * (256 * 5 * 5 + 4096 + 10) * 4
     assert exchange + ddp_bytes_per_step(conv, 2) < ddp_bytes_per_step(full, 2) / 9

@@ -34,6 +34,7 @@ from distalex.config import load_config
 from distalex.data import build_data
 from distalex.errors import NonFiniteLoss
 from distalex.model.alexnet import AlexNet, AlexNetSpec
+from distalex.training.build import build_run
 from distalex.training.checkpoint import checkpoint_dir, list_checkpoints, read
 from distalex.training.trainer import Trainer
 
@@ -74,7 +75,7 @@ def cpu_only(monkeypatch):
 
 def make_trainer(out, *overrides) -> Trainer:
     cfg = load_config(TINY, [*BASE, f"train.output_dir={out}", *overrides])
-    return Trainer(cfg)
+    return Trainer(build_run(cfg))
 
 
 class Recorder:

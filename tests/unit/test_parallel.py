@@ -7,10 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distalex.config import load_config
 from distalex.errors import BadInput, ConfigError
-from distalex.parallel import placement
-from distalex.parallel.placement import Mesh
+from distalex.model.alexnet import AlexNetSpec
+from distalex.parallel import launch, placement
+from distalex.parallel.ddp import DDPOptions
+from distalex.parallel.mesh import Mesh, process_groups
 
 
 def plan(mode="ddp", world=4, towers=1, cuda=True, per_node=4, gpus=4):
@@ -53,17 +54,17 @@ def test_setup_refuses_before_creating_any_process_group(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(placement, "process_groups", lambda *a: pytest.fail("groups created before the check"))
-    cfg = load_config(None, [], split_mode="ddp")
+    spec = AlexNetSpec()
     with pytest.raises(ConfigError, match="2 processes on this node but 1 visible GPU"):
-        placement.setup(cfg, accelerator(2))
+        placement.make_placement("ddp", spec, 128, DDPOptions(), timedelta(seconds=60), accelerator(2))
 
 
 def test_processes_per_node_from_the_launcher_or_the_local_index(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert placement.processes_per_node(accelerator(16, local_index=3)) == 8
+    assert launch.processes_per_node(accelerator(16, local_index=3)) == 8
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert placement.processes_per_node(accelerator(16, local_index=3)) == 4  # at least ranks 0..3 of this node
-    assert placement.processes_per_node(accelerator(1)) == 1
+    assert launch.processes_per_node(accelerator(16, local_index=3)) == 4  # at least ranks 0..3 of this node
+    assert launch.processes_per_node(accelerator(1)) == 1
 
 
 def test_every_group_gets_the_timeout(monkeypatch):
@@ -77,5 +78,5 @@ def test_every_group_gets_the_timeout(monkeypatch):
 
     monkeypatch.setattr(torch.distributed, "new_subgroups_by_enumeration", new_subgroups_by_enumeration)
     timeout = timedelta(seconds=17)
-    placement.process_groups(Mesh(4, 2, 2), timeout)
+    process_groups(Mesh(4, 2, 2), timeout)
     assert calls == [([[0, 1], [2, 3]], timeout), ([[0, 2], [1, 3]], timeout)]

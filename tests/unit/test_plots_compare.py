@@ -6,8 +6,10 @@ import json
 import pytest
 
 from distalex.config import load_config
+from distalex.runtime.io import read_jsonl
 from distalex.telemetry.plots import curve_series, plot_comparison, plot_curves
-from distalex.telemetry.records import RunLog, read_jsonl, run_name
+from distalex.telemetry.records import RunLog
+from distalex.telemetry.tracker import run_name
 
 from helpers import ROOT, TINY, png_size
 
@@ -361,7 +363,7 @@ def test_runlog_finish_updates_summary_then_finishes_tracker(tmp_path):
 
 
 def test_credentials_decide_offline(tmp_path, monkeypatch):
-    from distalex.telemetry.records import has_wandb_credentials
+    from distalex.telemetry.tracker import has_wandb_credentials
 
     for var in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)

@@ -11,8 +11,9 @@ from torch.autograd.profiler import record_function
 
 from distalex.data import make_synthetic
 from distalex.model.alexnet import AlexNet, AlexNetSpec
-from distalex.parallel.placement import Mesh, Placement
-from distalex.telemetry.profiling import BACKWARD, LAYER_GROUPS, STEP, StepProfiler, classify, ordered
+from distalex.parallel.mesh import Mesh
+from distalex.parallel.placement import BACKWARD, placement_for
+from distalex.telemetry.profiling import LAYER_GROUPS, STEP, StepProfiler, classify, ordered
 
 from helpers import device_loader, png_size
 
@@ -93,7 +94,7 @@ def test_order_of_the_bars():
 
 
 def placement(spec):
-    return Placement("single", Mesh(1, 1, 1), 0, torch.device("cpu"), spec)
+    return placement_for("single", Mesh(1, 1, 1), 0, torch.device("cpu"), spec)
 
 
 def train_steps(model, loader, n, after_step, towers=1):

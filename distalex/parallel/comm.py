@@ -1,0 +1,89 @@
+"""Bytes on the wire: every formula once, and the counter the exchanges fill as they run.
+
+Ring accounting (what each process sends; docs/design.md, "Communication"):
+
+* all-gather of W parts of ``n`` elements each: every process sends (W-1) parts;
+* reduce-scatter to W parts of ``n`` elements each: every process sends (W-1) parts;
+* all-reduce of ``n`` elements: a reduce-scatter then an all-gather of n/W each,
+  2(W-1)/W * n.
+
+The placements count the bytes of their exchanges with these formulas while
+they run (:class:`CommStats`); the per-step figures below compute the same from
+the shapes alone, which the tests compare.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distalex.model.alexnet import AlexNetSpec
+
+
+def all_gather_bytes(part_elements: int, parts: int, element_size: int = 4) -> int:
+    return (parts - 1) * part_elements * element_size
+
+
+def reduce_scatter_bytes(part_elements: int, parts: int, element_size: int = 4) -> int:
+    return (parts - 1) * part_elements * element_size
+
+
+def all_reduce_bytes(elements: int, parts: int, element_size: int = 4) -> int:
+    return 2 * (parts - 1) * elements * element_size // parts
+
+
+class CommStats:
+    """Bytes this process sent in its exchanges since the last :meth:`pop`."""
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+
+    def count(self, n: int) -> None:
+        # Not while torch.compile traces: a Python counter would be a guard that
+        # changes every step and forces a recompile each time.
+        if not torch.compiler.is_compiling():
+            self.bytes_sent += n
+
+    def pop(self) -> int:
+        sent, self.bytes_sent = self.bytes_sent, 0
+        return sent
+
+
+def ddp_bytes_per_step(num_params: int, replicas: int, element_size: int = 4) -> int:
+    """Bytes one replica sends in DDP's all-reduce of ``num_params`` gradients."""
+    return all_reduce_bytes(num_params, replicas, element_size)
+
+
+def tower_bytes_per_step(spec: AlexNetSpec, local_batch: int, element_size: int = 4) -> dict[str, int]:
+    """Bytes one tower sends in one training step (forward + backward), by layer.
+    conv3, fc6, fc7: the input all-gathered forward, its gradient all-reduced backward;
+    fc8: the partial logits all-reduced forward (its backward is the identity)."""
+    t = spec.towers
+    c = spec.conv_channels
+    sides = spec.sides()
+    gathered = {  # elements of the whole gathered tensor
+        "conv3": local_batch * c[1] * sides["pool2"] ** 2,
+        "fc6": local_batch * spec.flat_features,
+        "fc7": local_batch * spec.fc_units,
+    }
+    out = {
+        layer: all_gather_bytes(n // t, t, element_size) + all_reduce_bytes(n, t, element_size)
+        for layer, n in gathered.items()
+    }
+    out["fc8"] = all_reduce_bytes(local_batch * spec.num_classes, t, element_size)
+    return out
+
+
+def hybrid_bytes_per_step(spec: AlexNetSpec, world: int, global_batch: int, element_size: int = 4) -> dict[str, int]:
+    """Bytes one rank sends in one training step of the hybrid exchanges (forward + backward):
+    each moves a tensor of this rank's rows forward and the same amount back (the adjoint
+    collective: an all-gather's is a reduce-scatter and the reverse)."""
+    rows = global_batch // world  # this rank's rows
+    parts = {
+        "fc6_input": rows * spec.flat_features,  # conv5 features, all-gathered by rows
+        "fc7_input": rows * spec.fc_units,  # B x U/W fc6 units each, all-gathered by columns
+        "fc8_output": rows * spec.num_classes,  # partial logits, reduce-scattered by rows
+    }
+    return {
+        k: all_gather_bytes(n, world, element_size) + reduce_scatter_bytes(n, world, element_size)
+        for k, n in parts.items()
+    }
