@@ -147,7 +147,7 @@ def verify_images(samples: list[Sample], share: SharedCheck) -> None:
 
     The processes split the files (``share``) and agree, through one collective, on
     the first bad file, so all of them refuse the run with the same line.  Cost: a
-    file open and a header parse per image (see the README's ImageFolder section)."""
+    file open and a header parse per image (see docs/imagenet.md, "Folder layout")."""
     mine = range(share.rank, len(samples), share.world)
     first_bad = len(samples)
     bar = None

@@ -1,4 +1,4 @@
-"""The network's arithmetic (distalex/model/flops.py) against the README's per-layer table
+"""The network's arithmetic (distalex/model/flops.py) against docs/imagenet.md's per-layer table
 and against an independent count: PyTorch's FlopCounterMode on the reference model."""
 
 import re
@@ -36,9 +36,9 @@ def counted_flops(spec: AlexNetSpec, backward: bool) -> int:
 
 
 def readme_table() -> dict:
-    """The README's per-layer table of the 2012 network: layer -> (output, MACs in M, params in M)."""
+    """docs/imagenet.md's per-layer table of the 2012 network: layer -> (output, MACs in M, params in M)."""
     rows = {}
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in (ROOT / "docs" / "imagenet.md").read_text().splitlines():
         m = re.match(r"\| (conv\d|fc\d) [^|]*\| ([\d×]+) \| ([\d.]+) M \| ([\d.]+) M \|", line)
         if m:
             rows[m.group(1)] = (m.group(2), float(m.group(3)), float(m.group(4)))
