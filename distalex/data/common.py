@@ -31,7 +31,7 @@ class GlobalBatchPlan:
     """Which examples replica ``replica`` of ``replicas`` sees, batch by batch.
 
     ``global_batch`` is divisible by ``replicas``: the placement checked it
-    (:meth:`distalex.parallel.placement.Mesh.plan`) before any data was built.
+    (:meth:`distalex.parallel.mesh.Mesh.plan`) before any data was built.
     """
 
     n: int

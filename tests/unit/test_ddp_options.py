@@ -1,4 +1,4 @@
-"""ddp.* as DDP takes it (distalex/parallel/placement.py DDPOptions): accelerate's kwargs, the
+"""ddp.* as DDP takes it (distalex/parallel/ddp.py DDPOptions): accelerate's kwargs, the
 one-bucket rule of PowerSGD over gloo.  The numerical effect of each hook is tested
 in tests/distributed/test_comm_hooks.py."""
 
