@@ -28,6 +28,7 @@ _PRECISION_SPELLINGS = {"False": "no", "false": "no", "fp32": "no"}
 SCHEDULES = ("constant", "plateau")
 COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
 INITS = ("xavier", "paper")
+DROPOUT_RNGS = ("placement_invariant", "process")
 # Keys that decide which examples a step trains on: a resume that changes one would
 # continue at a data position that means something else (refused unless listed in
 # train.resume_allow_changes).  data.image_size is checked with the network.
@@ -55,6 +56,9 @@ class ModelConfig:
     towers: Optional[int] = None
     width: float = 1.0  # channel/unit multiplier, 1.0 = the paper's widths
     dropout: float = 0.5
+    # placement_invariant: masks a function of (train.seed, step, layer, global row, unit), the same
+    # in every placement (docs/design.md, "Dropout"); process: each process's own torch RNG (d2l's).
+    dropout_rng: str = "placement_invariant"
     lrn: bool = False  # per-tower LRN after conv1/conv2 (paper §3.3)
     in_channels: int = 1
     num_classes: int = 10
@@ -352,6 +356,9 @@ def validate(cfg: DictConfig) -> None:
     _require(m.in_channels >= 1, "model.in_channels", f"must be >= 1, got {m.in_channels}")
     _require(m.num_classes >= 2, "model.num_classes", f"must be >= 2, got {m.num_classes}")
     _require(m.init in INITS, "model.init", f"must be one of {INITS}, got '{m.init}'")
+    _require(
+        m.dropout_rng in DROPOUT_RNGS, "model.dropout_rng", f"must be one of {DROPOUT_RNGS}, got '{m.dropout_rng}'"
+    )
     _require(m.conv1_padding >= 0, "model.conv1_padding", f"must be >= 0, got {m.conv1_padding}")
     _require(d.name in DATASETS, "data.name", f"must be one of {DATASETS}, got '{d.name}'")
     _require(d.image_size >= 1, "data.image_size", f"must be >= 1, got {d.image_size}")

@@ -28,6 +28,15 @@ QUICK = [
     "data.train_limit=1024", "data.test_limit=256", "train.batch_size=32",
 ]  # fmt: skip
 
+# The placement comparisons' runs (test_placements, test_comm_hooks): fp32 (the invariance is
+# proven "up to float rounding" at fp32's rounding), dropout on, 8 steps of 5 per epoch
+# (the steps cross an epoch boundary).  Runs of these arguments are shared (shared_run).
+EXACT_STEPS = 8
+EXACT = QUICK + [
+    "model.dropout=0.5", f"train.max_steps={EXACT_STEPS}", "train.log_every=1", "train.mixed_precision=no",
+    "data.train_limit=160",
+]  # fmt: skip
+
 # Every split mode with the process count the placement tests run it at.
 SPLIT_MODES = {
     "single": (1, ["--split-mode", "single"]),
@@ -72,6 +81,27 @@ def run_cli(*args, nprocs: int = 1, timeout: float = 300, env=None, check=True) 
     return proc
 
 
+def shared_run(tmp_path_factory, *args, nprocs: int = 1) -> Path:
+    """The output dir of one CLI run of ``args`` on ``nprocs`` processes, computed once per test
+    session and shared by every test file and xdist worker that asks for the same run (a
+    reference run several comparisons need).  A file lock makes the others wait for the first."""
+    import fcntl
+    import hashlib
+
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each worker has its own basetemp inside the session's: share the session's.
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-runs"
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([nprocs, *args]).encode()).hexdigest()[:16]
+    out, done = root / key, root / f"{key}.done"
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            run_cli(*args, f"train.output_dir={out}", nprocs=nprocs)
+            done.write_text("")
+    return out
+
+
 def start_cli(nprocs: int, *args, cmd=None) -> subprocess.Popen:
     """The CLI (or ``cmd``) in the background, in a session of its own."""
     return subprocess.Popen(
@@ -83,6 +113,36 @@ def start_cli(nprocs: int, *args, cmd=None) -> subprocess.Popen:
         cwd=ROOT,
         start_new_session=True,
     )
+
+
+SIGNALLER = """
+import os, sys
+step, signum, rank = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+sys.argv = [sys.argv[0]] + sys.argv[4:]
+from distalex.training import trainer
+
+real = trainer.Trainer.train_step
+
+def train_step(self, x, y):
+    real(self, x, y)
+    # After the optimizer step of `step`: the signal reaches the process exactly as a
+    # scheduler's does, but at a known instant, so it can never lose a race with the run's end.
+    if os.environ.get("RANK", "0") == rank and self.state.position.step + 1 == step:
+        os.kill(os.getpid(), signum)
+
+trainer.Trainer.train_step = train_step
+from distalex.cli import main
+sys.exit(main())
+"""
+
+
+def signal_at_step_cmd(tmp_path, nprocs: int, step: int, signum: int, *args, rank: int = 0) -> list:
+    """The command users type, delivering ``signum`` to rank ``rank`` right after step ``step``."""
+    script = Path(tmp_path) / f"signaller_{os.getpid()}_{step}_{signum}.py"
+    script.write_text(SIGNALLER)
+    cmd = launch_cmd(nprocs, *args)
+    i = cmd.index(TRAIN)
+    return cmd[:i] + [str(script), str(step), str(int(signum)), str(rank)] + cmd[i + 1 :]
 
 
 def wait_for_step(proc, run_dir, step, timeout=240):

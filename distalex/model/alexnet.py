@@ -8,8 +8,10 @@ channels are laid out tower-major (tower 0's slice first), which is what lets
 :mod:`distalex.parallel.towers` map weights to towers one to one.
 
 With the default options (towers 1, width 1, no LRN, 1x224x224 input) this is
-exactly d2l's ``nn.Sequential``: same layers, same order,
-46,764,746 parameters.
+d2l's ``nn.Sequential``: same layers, same order, 46,764,746 parameters; with
+``dropout_rng="process"`` even the dropout layers are d2l's ``nn.Dropout``, by
+default they are :class:`~distalex.model.dropout.KeyedDropout` (the same
+arithmetic, masks that do not depend on the placement).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from distalex.errors import ModelSpecError
+from distalex.model.dropout import KeyedDropout
 
 # The paper's widths (= d2l's): conv1..conv5 channels, fc6/fc7 units.
 PAPER_CONV = (96, 256, 384, 384, 256)
@@ -40,6 +43,7 @@ class AlexNetSpec:
     width: float = 1.0
     towers: int = 1
     dropout: float = 0.5
+    dropout_rng: str = "placement_invariant"  # or "process": nn.Dropout, each process its own RNG
     lrn: bool = False
     conv1_padding: int = 1
 
@@ -143,6 +147,14 @@ def run_layers(module: nn.Module, x: torch.Tensor, first: str, last: str) -> tor
     raise KeyError(last)
 
 
+def dropout_layer(spec: AlexNetSpec, layer: int) -> nn.Module:
+    """The dropout after fc``layer`` (§4.2: p = 0.5 in the paper): placement-invariant masks
+    (:class:`~distalex.model.dropout.KeyedDropout`) unless ``dropout_rng`` is ``process``."""
+    if spec.dropout_rng == "process":
+        return nn.Dropout(spec.dropout)
+    return KeyedDropout(spec.dropout, layer, spec.fc_units)
+
+
 def build_layers(spec: AlexNetSpec, towers_in_module: int, groups: int) -> OrderedDict[str, nn.Module]:
     """The layer list shared by the reference (groups=T) and one tower (groups=1).
 
@@ -176,10 +188,10 @@ def build_layers(spec: AlexNetSpec, towers_in_module: int, groups: int) -> Order
     layers["flatten"] = nn.Flatten()
     layers["fc6"] = nn.Linear(spec.flat_features, fc)  # reads all towers' conv5 features
     layers["relu6"] = nn.ReLU()
-    layers["drop6"] = nn.Dropout(spec.dropout)
+    layers["drop6"] = dropout_layer(spec, 6)
     layers["fc7"] = nn.Linear(spec.fc_units, fc)  # reads all fc6 units
     layers["relu7"] = nn.ReLU()
-    layers["drop7"] = nn.Dropout(spec.dropout)
+    layers["drop7"] = dropout_layer(spec, 7)
     return layers
 
 
@@ -217,6 +229,7 @@ def spec_from_config(cfg) -> AlexNetSpec:
         width=m.width,
         towers=m.towers,
         dropout=m.dropout,
+        dropout_rng=m.dropout_rng,
         lrn=m.lrn,
         conv1_padding=m.conv1_padding,
     )

@@ -10,6 +10,9 @@ training loop needs to know about where tensors live:
 * :meth:`Placement.forward_backward` -- one training step's forward and backward
   on this rank's rows, returning the loss and logits the meters read (a pipeline
   schedule, which owns forward and backward of its micro-batches, overrides it);
+* :meth:`Placement.dropout_rows` / :meth:`Placement.dropout_units` -- which slice
+  of each dropout layer's global mask this rank's module applies, so that the
+  masks do not depend on the placement (:mod:`distalex.model.dropout`);
 * :meth:`Placement.full_tensors` / :meth:`Placement.local_tensors` -- reference-shaped
   tensors for checkpoints, and this rank's slices of them;
 * :meth:`Placement.inference_model` -- the module evaluation runs;
@@ -30,6 +33,7 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
+from distalex.model.dropout import KeyedDropout
 from distalex.parallel import hybrid
 from distalex.parallel.comm import CommStats
 from distalex.parallel.ddp import DDPOptions
@@ -51,6 +55,7 @@ class Placement:
     rank: int
     device: torch.device
     spec: AlexNetSpec
+    global_batch: int | None = None  # rows of one optimizer step over all replicas (None: a replica's rows)
     tower_group: dist.ProcessGroup | None = None  # this replica's towers
     replica_group: dist.ProcessGroup | None = None  # this tower's replicas (hybrid: all ranks)
     shard_group: dist.ProcessGroup | None = None  # hybrid: the ranks that split fc6..fc8 (all ranks)
@@ -59,6 +64,8 @@ class Placement:
     exchange_stats: CommStats = field(default_factory=CommStats)  # bytes the tower/hybrid exchanges send
     ddp: DDPOptions | None = None  # how DDP exchanges gradients (None: PyTorch's defaults)
     _comm: dict = field(default_factory=dict)  # the latest figures of comm_bytes_per_step
+    _dropouts: list = field(default_factory=list)  # the placement-invariant dropout layers of the built model
+    _dropout_seed: int = 0
 
     # The metrics key of the bytes this placement's own exchanges send (None: it has none).
     exchange_key: ClassVar[str | None] = None
@@ -82,7 +89,9 @@ class Placement:
         torch.manual_seed(seed)
         reference = AlexNet(self.spec)
         init_weights(reference, init)
-        return self.local_model(reference).to(self.device)
+        model = self.local_model(reference).to(self.device)
+        self._place_dropout(model, seed)
+        return model
 
     def local_model(self, reference: AlexNet) -> nn.Module:
         """What this rank holds of the initialised ``reference``."""
@@ -92,9 +101,30 @@ class Placement:
         """The module the training step runs: ``model`` itself, or DDP around it."""
         return model
 
-    def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast, backward):
-        """One training step's forward and backward on this rank's rows of the global batch:
-        (loss, logits), the figures the meters read.  The optimizer step is the loop's."""
+    def dropout_rows(self) -> tuple[int, int | None]:
+        """(first row, global rows) of the rows this rank's fc layers see: its replica's
+        contiguous share of the global batch (docs/design.md, "Data").  Unknown global
+        batch (None): the module's input is taken as the whole batch."""
+        if self.global_batch is None:
+            return 0, None
+        return self.replica * (self.global_batch // self.mesh.replicas), self.global_batch
+
+    def dropout_units(self) -> tuple[int, int]:
+        """(part, parts): this rank's fc layers hold part ``part`` of ``parts`` equal unit slices."""
+        return 0, 1
+
+    def _place_dropout(self, model: nn.Module, seed: int) -> None:
+        self._dropouts = [m for m in model.modules() if isinstance(m, KeyedDropout)]
+        self._dropout_seed = seed
+        for d in self._dropouts:
+            d.place(*self.dropout_rows(), self.dropout_units())
+
+    def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int, autocast, backward):
+        """One training step (``step``: the number of steps before it) forward and backward on this
+        rank's rows of the global batch: (loss, logits), the figures the meters read.  The optimizer
+        step is the loop's."""
+        for d in self._dropouts:  # masks keyed by (seed, step, layer): the same in every placement
+            d.at_step(self._dropout_seed, step)
         with autocast():
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -203,6 +233,9 @@ class TowerPlacement(Placement):
         self._count_ddp_bytes(list(model.parameters()))
         return self._ddp_over_replica_group(model)
 
+    def dropout_units(self) -> tuple[int, int]:
+        return self.tower, self.mesh.tower_ranks  # tower-major units, as in the reference model
+
     def full_tensors(self, tensors):
         return gather_tensors(tensors, self.tower_group, self.mesh.tower_ranks)
 
@@ -233,6 +266,13 @@ class HybridPlacement(Placement):
         """The reference model with the fc shards gathered (a collective), so that evaluation
         is plain data parallelism (each rank its own share, any size)."""
         return hybrid.reference_view(model)
+
+    def dropout_rows(self) -> tuple[int, int | None]:
+        """fc6 and fc7 run on the whole global batch (exchange 1 gathered every rank's rows)."""
+        return 0, self.global_batch
+
+    def dropout_units(self) -> tuple[int, int]:
+        return self.rank, self.mesh.fc_shards
 
     def full_tensors(self, tensors):
         return gather_tensors(tensors, self.shard_group, self.mesh.fc_shards, dim_of=hybrid.shard_dim)
@@ -272,7 +312,9 @@ def make_placement(split_mode: str, spec: AlexNetSpec, global_batch: int, ddp: D
         fc_units=spec.fc_units,
         width=spec.width,
     )
-    placement = placement_for(split_mode, mesh, accelerator.process_index, accelerator.device, spec)
+    placement = placement_for(
+        split_mode, mesh, accelerator.process_index, accelerator.device, spec, global_batch=global_batch
+    )
     placement.ddp = ddp
     placement.notices.extend(_notices(split_mode, mesh, spec, ddp, accelerator.device))
     placement.tower_group, placement.replica_group = process_groups(mesh, timeout)

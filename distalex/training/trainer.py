@@ -95,7 +95,7 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         loss, logits = self.placement.forward_backward(
-            self.run.model, x, y, self.accelerator.autocast, self.accelerator.backward
+            self.run.model, x, y, self.state.position.step, self.accelerator.autocast, self.accelerator.backward
         )
         precision.optimizer_step(self.state.optimizer, self.state.scaler)  # fp16: one skip decision for all ranks
         self.state.optimizer.zero_grad(set_to_none=True)

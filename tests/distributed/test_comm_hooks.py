@@ -2,8 +2,9 @@
 tolerance of single over a short run, and visibly changes the result (it was applied).
 ddp.comm_hook=none is proven exact in test_placements.py.
 
-Measured on this setup (8 steps of the tiny config, fp32, dropout off; the largest
-relative difference from single over the step losses / over the weight tensors):
+Measured on this setup (8 steps of the tiny config, fp32, dropout off -- the figures from before
+the placement-invariant dropout; the largest relative difference from single over the step
+losses / over the weight tensors):
 
     none      5.2e-08 / 1.1e-07
     bf16      7.9e-06 / 2.8e-03
@@ -21,10 +22,10 @@ import pytest
 
 from distalex.training.checkpoint import read
 
-from helpers import QUICK, latest_checkpoint, run_cli, step_losses
+from helpers import EXACT, EXACT_STEPS, latest_checkpoint, shared_run, step_losses
 
-STEPS = 8
-SAME = QUICK + ["model.dropout=0", f"train.max_steps={STEPS}", "train.log_every=1", "train.mixed_precision=no"]
+STEPS = EXACT_STEPS
+SAME = EXACT  # the placement comparisons' runs: their single references are shared with them
 EARLY = "ddp.powersgd_start_iter=2"  # compress from the first step PyTorch allows
 # hook: (max relative loss difference, max relative weight difference)
 BOUNDS = {"bf16": (1e-4, 3e-2), "fp16": (1e-5, 3e-3), "powersgd": (3e-3, 7e-2)}
@@ -33,7 +34,6 @@ APPLIED = 1e-5  # a weight difference above fp32 rounding (none: 1.1e-07): the h
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hooks")
     plan = {
         "single": (1, ["--split-mode", "single"]),
         "bf16": (2, ["--split-mode", "ddp", "ddp.comm_hook=bf16"]),
@@ -46,11 +46,7 @@ def runs(tmp_path_factory):
         # are never averaged; averaging them would leave the bound far behind).
         "hybrid_bf16": (2, ["--split-mode", "hybrid", "ddp.comm_hook=bf16"]),
     }
-    out = {}
-    for name, (nprocs, args) in plan.items():
-        out[name] = root / name
-        run_cli(*SAME, *args, f"train.output_dir={out[name]}", nprocs=nprocs)
-    return out
+    return {name: shared_run(tmp_path_factory, *SAME, *args, nprocs=nprocs) for name, (nprocs, args) in plan.items()}
 
 
 def differences(run, reference):

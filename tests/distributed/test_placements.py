@@ -13,6 +13,8 @@ from distalex.parallel.comm import ddp_bytes_per_step, hybrid_bytes_per_step
 from distalex.training.checkpoint import load_reference, read
 
 from helpers import (
+    EXACT,
+    EXACT_STEPS,
     QUICK,
     SPLIT_MODES,
     TINY,
@@ -22,19 +24,17 @@ from helpers import (
     launch_cmd,
     metrics,
     run_cli,
+    shared_run,
     step_losses,
     summary,
 )
 
-STEPS = 8
-# fp32: the invariance is proven "up to float rounding" at fp32's rounding.
-SAME = QUICK + ["model.dropout=0", f"train.max_steps={STEPS}", "train.log_every=1", "train.mixed_precision=no"]
-SAME += ["data.train_limit=160"]  # 5 steps per epoch: the STEPS steps cross an epoch boundary
+STEPS = EXACT_STEPS
+SAME = EXACT  # fp32, dropout on, across an epoch boundary
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("placements")
     plan = {
         "single": SPLIT_MODES["single"],
         "ddp2": SPLIT_MODES["ddp"],
@@ -44,11 +44,7 @@ def runs(tmp_path_factory):
         "hybrid2": SPLIT_MODES["hybrid"],
         "hybrid4_t2": (4, ["--split-mode", "hybrid", "model.towers=2"]),
     }
-    out = {}
-    for name, (nprocs, args) in plan.items():
-        out[name] = root / name
-        out[name + "_proc"] = run_cli(*SAME, *args, f"train.output_dir={out[name]}", nprocs=nprocs)
-    return out
+    return {name: shared_run(tmp_path_factory, *SAME, *args, nprocs=nprocs) for name, (nprocs, args) in plan.items()}
 
 
 def assert_same_losses(a, b):

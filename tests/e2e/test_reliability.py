@@ -24,6 +24,7 @@ from helpers import (
     latest_checkpoint,
     launch_cmd,
     run_cli,
+    signal_at_step_cmd,
     start_cli,
     step_losses,
     wait_for_step,
@@ -93,10 +94,12 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
 def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_cli(*RESUMABLE, f"train.output_dir={straight}")
-    proc = start_cli(1, *RESUMABLE, "train.checkpoint_every=1000", f"train.output_dir={stopped}")
-    wait_for_step(proc, stopped, 5)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    # SIGTERM right after step 5 (not after a sleep: a loaded machine could finish the run first).
+    cmd = signal_at_step_cmd(
+        tmp_path, 1, 5, signal.SIGTERM, *RESUMABLE, "train.checkpoint_every=1000", f"train.output_dir={stopped}"
+    )
+    proc = start_cli(1, cmd=cmd)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err and "train.resume=auto" in err
     state = read(latest_checkpoint(stopped))

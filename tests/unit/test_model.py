@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from distalex.model.alexnet import AlexNet, AlexNetSpec, ModelSpecError, TowerLRN, count_parameters, init_weights
+from distalex.model.dropout import KeyedDropout
 
 
 def d2l_net():
@@ -33,9 +34,13 @@ def d2l_net():
 
 
 def test_default_preset_is_the_d2l_network():
-    ours, d2l = AlexNet(AlexNetSpec()), d2l_net()
+    """With d2l's per-process dropout the default preset is the chapter's network layer for
+    layer; the default placement-invariant dropout sits where d2l's dropout layers are."""
+    ours, d2l = AlexNet(AlexNetSpec(dropout_rng="process")), d2l_net()
     assert count_parameters(ours) == count_parameters(d2l) == 46_764_746
     assert [type(m) for m in ours] == [type(m) for m in d2l]
+    keyed = [type(m) for m in AlexNet(AlexNetSpec())]
+    assert [t is KeyedDropout for t in keyed] == [t is nn.Dropout for t in map(type, d2l)]
     x = torch.randn(1, 1, 224, 224)
     a = b = x
     for mine, theirs in zip(ours, d2l, strict=True):

@@ -34,6 +34,7 @@ from distalex.config import load_config
 from distalex.data import build_data
 from distalex.errors import NonFiniteLoss
 from distalex.model.alexnet import AlexNet, AlexNetSpec
+from distalex.model.dropout import mask_seed
 from distalex.training.build import build_run
 from distalex.training.checkpoint import checkpoint_dir, list_checkpoints, read
 from distalex.training.trainer import Trainer
@@ -130,15 +131,37 @@ def saved_model(saved: dict) -> AlexNet:
 # --------------------------------------------------------------------------- one step = the chapter's step
 
 
+class HandMaskedDropout(torch.nn.Module):
+    """The placement-invariant mask as the design states it, computed here: uniform draws of a
+    generator seeded by mask_seed(train.seed, step, layer) over [global batch, all units],
+    kept where >= p, kept activations scaled by 1 / (1 - p)."""
+
+    def __init__(self, p: float, layer: int, seed: int):
+        super().__init__()
+        self.p, self.layer, self.seed, self.step = p, layer, seed, 0
+
+    def forward(self, x):
+        generator = torch.Generator().manual_seed(mask_seed(self.seed, self.step, self.layer))
+        keep = torch.rand(x.shape, generator=generator) >= self.p
+        return torch.where(keep, x / (1 - self.p), torch.zeros_like(x))
+
+
 def replay(trainer_cfg, start_model, calls, batches):
     """The chapter's loop over ``batches`` on a copy of ``start_model``, with each step's dropout
-    masks taken from the RNG state distalex's forward started from.  Yields per step
-    (step, loss, logits, model, optimizer) after the step."""
+    masks those the design specifies (``model.dropout_rng=placement_invariant``: keyed by seed,
+    step and layer, computed here by hand) or taken from the RNG state distalex's forward started
+    from (``process``: nn.Dropout).  Yields per step (step, loss, logits, model, optimizer) after the step."""
     model = copy.deepcopy(start_model)
+    keyed = trainer_cfg.model.dropout_rng == "placement_invariant"
+    if keyed:
+        for layer in (6, 7):
+            setattr(model, f"drop{layer}", HandMaskedDropout(trainer_cfg.model.dropout, layer, trainer_cfg.train.seed))
     opt = reference_sgd(model, trainer_cfg.optim)
     for k, ((_, x, y), call) in enumerate(zip(batches, calls, strict=True), start=1):
         assert torch.equal(call.x, x), f"step {k}: distalex trained on another batch"
         torch.set_rng_state(call.rng)
+        if keyed:
+            model.drop6.step = model.drop7.step = k - 1  # the steps before this one
         loss, logits = reference_step(model, opt, x, y)
         yield k, loss, logits, model, opt
 
@@ -160,8 +183,9 @@ def assert_state_equals_reference(saved: dict, start: dict, model, opt, step: in
     [
         ["optim.momentum=0.9", "optim.weight_decay=0.005", "train.channels_last=true"],
         ["optim.momentum=0.0", "optim.weight_decay=0.0", "optim.lr=0.02", "train.channels_last=false"],
+        ["optim.momentum=0.9", "model.dropout_rng=process"],
     ],
-    ids=["momentum-decay-channels-last", "plain-sgd"],
+    ids=["momentum-decay-channels-last", "plain-sgd", "per-process-dropout"],
 )
 def test_single_steps_equal_handwritten_sgd_steps(tmp_path, recipe):
     """Six steps (two epochs, dropout on) of ``single`` = six steps of the chapter's loop with
