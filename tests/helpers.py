@@ -20,6 +20,9 @@ from distalex.runtime.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
+EVALUATE = str(ROOT / "launch" / "evaluate.py")
+PREDICT = str(ROOT / "launch" / "predict.py")
+EXPORT = str(ROOT / "launch" / "export.py")
 TINY = str(ROOT / "configs" / "tiny.yaml")
 PAPER = str(ROOT / "configs" / "paper_imagenet.yaml")
 # A few seconds per run on 2 cores: 1/8-width network, 67x67 images, small subsets.
@@ -63,9 +66,16 @@ def launch_cmd(nprocs: int, *args, extra_launch=(), script=TRAIN) -> list:
     ]  # fmt: skip
 
 
-def run_cli(*args, nprocs: int = 1, timeout: float = 300, env=None, check=True) -> subprocess.CompletedProcess:
+def run_cli(
+    *args, nprocs: int = 1, timeout: float = 300, env=None, check=True, script=TRAIN
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        launch_cmd(nprocs, *args), capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=ROOT
+        launch_cmd(nprocs, *args, script=script),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(),
+        cwd=ROOT,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")

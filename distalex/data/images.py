@@ -54,6 +54,7 @@ def to_mode(im: Image.Image, mode: str) -> tuple[Image.Image, list[str]]:
     """``im`` converted to ``mode`` ('L' or 'RGB'), and a note for every conversion a user
     should know of (an empty list for an image that already is what the network expects)."""
     notes = []
+    im.load()  # the pixels outlive the file (the caller closes it), also when no conversion copies them
     if getattr(im, "n_frames", 1) > 1:
         notes.append(f"animated ({im.n_frames} frames): the first frame is used")
     if im.mode in _WIDE:

@@ -30,6 +30,7 @@ from distalex.training.evaluate import class_probabilities
 BATCH = 32  # images per forward pass
 GRID_MAX = 60  # images drawn in the grid at most (a grid of thousands is unreadable)
 THUMB = 96  # pixels of the longer side of an image in the grid
+EXTENSIONS = (*IMG_EXTENSIONS, ".gif")  # what a folder is searched for (an animation gives its first frame)
 
 
 @dataclass
@@ -47,7 +48,7 @@ def collect(paths, classes: tuple[str, ...]) -> list[Item]:
         if path.is_dir():
             found = _folder(path, classes)
             if not found:
-                raise DataError(f"folder {path} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
+                raise DataError(f"folder {path} holds no images (extensions {', '.join(EXTENSIONS)})")
             items += found
         elif path.exists():
             items.append(Item(path, None))
@@ -57,7 +58,7 @@ def collect(paths, classes: tuple[str, ...]) -> list[Item]:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(IMG_EXTENSIONS)
+    return path.is_file() and path.name.lower().endswith(EXTENSIONS)
 
 
 def _folder(path: Path, classes: tuple[str, ...]) -> list[Item]:
