@@ -90,7 +90,7 @@ def verification_inputs(loaded: Loaded, notify) -> list[tuple[str, torch.Tensor]
     except DataError as exc:
         notify(f"distalex: notice: verified on random inputs only: the evaluation data cannot be read ({exc})")
         return inputs
-    x = x.flatten(0, 1) if x.dim() == 5 else x  # ten crops: every crop is an input
+    x = x[:, 4] if x.dim() == 5 else x  # ten crops: the centre one (crop 4), the network's input as in prediction
     inputs.append((f"{len(x)} {loaded.cfg.data.name} evaluation images", x.contiguous()))
     return inputs
 

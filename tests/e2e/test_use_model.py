@@ -7,8 +7,6 @@ from __future__ import annotations
 import fcntl
 import json
 import re
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -29,7 +27,8 @@ from helpers import (
     QUICK,
     ROOT,
     assert_bad_input,
-    cli_env,
+    assert_close,
+    assert_plain_pytorch_loads,
     latest_checkpoint,
     png_size,
     run_cli,
@@ -290,12 +289,6 @@ def check_batches():
     return [torch.rand(5, 1, SIDE, SIDE, generator=g), x.contiguous()]
 
 
-def assert_close(got, expected):
-    for g, e in zip(got, expected, strict=True):
-        assert g.shape == e.shape
-        assert (torch.as_tensor(g) - e).abs().max().item() <= 1e-5 * e.abs().max().item()
-
-
 def test_onnx_export_runs_in_onnxruntime_like_the_reference_model(ckpt, tmp_path):
     import onnxruntime
 
@@ -321,42 +314,6 @@ def test_pt2_and_state_dict_exports_reproduce_the_model(ckpt, tmp_path, capsys):
     assert export_main([str(ckpt), "--format", "state-dict", "--out", str(tmp_path / "m.safetensors")]) == 0
     assert "max |difference|" in capsys.readouterr().out
     assert_plain_pytorch_loads(tmp_path / "m.safetensors", batches, expected, tmp_path)
-
-
-def docs_loader() -> str:
-    """The plain-PyTorch block of docs/use.md."""
-    text = (ROOT / "docs" / "use.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    return next(b for b in blocks if "plain PyTorch: load a distalex state-dict export" in b)
-
-
-def assert_plain_pytorch_loads(path: Path, batches, expected, tmp_path: Path) -> None:
-    """docs/use.md's loader, run where distalex cannot be imported, gives the reference outputs."""
-    from safetensors.torch import save_file
-
-    save_file({f"x{i}": x for i, x in enumerate(batches)}, str(tmp_path / "inputs.safetensors"))
-    script = tmp_path / "plain.py"
-    script.write_text(
-        "import sys\nsys.modules['distalex'] = None  # any import of distalex fails\n"
-        + docs_loader()
-        + "\nimport torch\nfrom safetensors.torch import load_file, save_file\n"
-        "model, classes = load_alexnet(sys.argv[1])\n"
-        "xs = load_file(sys.argv[2])\n"
-        "with torch.no_grad():\n"
-        "    save_file({k: model(x) for k, x in xs.items()}, sys.argv[3])\n"
-        "print(len(classes))\n"
-    )
-    outputs = tmp_path / "outputs.safetensors"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(path), str(tmp_path / "inputs.safetensors"), str(outputs)],
-        capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    got = load_file(str(outputs))
-    assert_close([got[f"x{i}"] for i in range(len(batches))], expected)
-    assert proc.stdout.strip() == str(expected[0].shape[1])
 
 
 def test_export_refuses_an_existing_file_and_an_unknown_format(ckpt, tmp_path, capsys):
