@@ -46,6 +46,7 @@ def trained(tmp_path_factory):
         f"data.image_size={IMAGE}", f"data.resize_size={RESIZE}", f"model.num_classes={len(CLASSES)}",
         "train.batch_size=10", "train.epochs=1", "data.num_workers=0", "train.mixed_precision=no",
         "tracking.wandb=false", "tracking.plots=false", "train.progress=false",
+        "model.init=xavier",  # the paper's N(0, 0.01) leaves a 2-step tiny network nearly blind to its input
     )  # fmt: skip
     return data, out, sorted((out / "checkpoints").glob("step_*"))[-1]
 
@@ -117,7 +118,8 @@ def test_exports_of_the_tower_network_reproduce_it(trained, tmp_path):
 
     data, _, ckpt = trained
     x = torch.from_numpy(np.concatenate([crops_by_hand(p, ten=True) for p, _ in val_images(data)[:2]]).copy())
-    batches = [x, x[:1].clone()]
+    # Large inputs too: they drive the LRN layers far from their constant regime (k dominates small maps).
+    batches = [x, x[:1].clone(), torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0)) * 100]
     model = distalex.load_reference(str(ckpt)).eval()
     with torch.no_grad():
         expected = [model(b) for b in batches]

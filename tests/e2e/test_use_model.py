@@ -238,6 +238,7 @@ def bomb_png(path: Path, side: int = 30000) -> Path:
 
 def test_unreadable_images_are_refused_before_anything_is_printed(ckpt, tmp_path, capsys):
     from distalex.cli import predict_main
+    from distalex.serving.predict import BATCH
 
     good = tmp_path / "good.png"
     Image.fromarray(synthetic_test_set().images[0, 0].numpy(), "L").save(good)
@@ -251,11 +252,13 @@ def test_unreadable_images_are_refused_before_anything_is_printed(ckpt, tmp_path
         (truncated, "truncated"),
         (empty, "cannot identify"),
         (text, "cannot identify"),
-        (bomb_png(tmp_path / "bomb.png"), "decompression bomb"),
+        (bomb_png(tmp_path / "bomb.png"), "decompression bomb"),  # beyond 2x PIL's limit: PIL refuses it
+        (bomb_png(tmp_path / "bomb2.png", side=10000), "decompression bomb"),  # 1-2x: PIL only warns
         (tmp_path / "missing.png", "does not exist"),
     ):
         grid = tmp_path / "grid.png"
-        assert predict_main([str(ckpt), str(good), str(bad), "--grid", str(grid)]) == 2, bad
+        # More good images than one forward pass takes: the bad one comes after a batch is ready.
+        assert predict_main([str(ckpt), *[str(good)] * (BATCH + 1), str(bad), "--grid", str(grid)]) == 2, bad
         out, err = capsys.readouterr()
         assert out == "" and not grid.exists(), bad
         errors = [line for line in err.splitlines() if line.startswith("distalex: error:")]
