@@ -1,4 +1,6 @@
-"""Command line: ``launch/train.py [--config PATH] [--split-mode MODE] [key=value ...]``.
+"""Command lines: ``launch/train.py [--config PATH] [--split-mode MODE] [key=value ...]``, and
+the trained model in use: ``launch/evaluate.py``, ``launch/predict.py``, ``launch/export.py``
+(docs/use.md; their work is done in :mod:`distalex.serving`).
 
 Exit status (docs/design.md, "Exit statuses"): 0 success; 2 bad input (config,
 data, checkpoint, output dir); 1 other failure (including a non-finite loss);
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 from distalex.config import SPLIT_MODES, load_config
-from distalex.errors import DistalexError
+from distalex.errors import DistalexError, UsageError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "d2l_fashion_mnist.yaml"
 
@@ -73,3 +75,152 @@ def main(argv=None) -> int:
 
 def main_exit() -> None:
     sys.exit(main())
+
+
+# -- the trained model in use: evaluate, predict, export (docs/use.md) ---------------------
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error is bad input like any other: one ``distalex: error:`` line, exit 2."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parse(parser: argparse.ArgumentParser, argv, intermixed: bool = True):
+    try:
+        return (parser.parse_intermixed_args if intermixed else parser.parse_args)(argv), None
+    except UsageError as exc:
+        return None, report(exc)
+
+
+def _checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint file (<output_dir>/checkpoints/step_N.safetensors)")
+    parser.add_argument(
+        "--config", default=None, help="experiment YAML to use instead of the config stored in the checkpoint"
+    )
+
+
+def parse_evaluate_args(argv=None):
+    parser = _OneLineParser(prog="launch/evaluate.py", description="Evaluate a checkpoint on its test/val split.")
+    _checkpoint_args(parser)
+    parser.add_argument("--split-mode", choices=SPLIT_MODES, default=None, help="default: ddp on N > 1 processes")
+    parser.add_argument("--output-dir", default=None, help="default: <run>/eval/<checkpoint name>")
+    parser.add_argument("--ten-crop", action="store_true", help="ImageFolder: average the softmax over 10 crops")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in the output dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (data.root=..., ...)")
+    return _parse(parser, argv)
+
+
+def evaluate_main(argv=None) -> int:
+    args, status = parse_evaluate_args(argv)
+    if args is None:
+        return status
+    from distalex.parallel.launch import shutdown
+
+    try:
+        from distalex.serving.evaluate import default_output_dir, evaluate_checkpoint
+        from distalex.serving.loaded import open_checkpoint
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        split_mode = args.split_mode or ("ddp" if world > 1 else "single")
+        overrides = [*args.overrides, *(["eval.ten_crop=true"] if args.ten_crop else [])]
+        loaded = open_checkpoint(args.checkpoint, args.config, overrides, split_mode)
+        out = Path(args.output_dir) if args.output_dir else default_output_dir(loaded.path)
+        result = evaluate_checkpoint(loaded, out, args.overwrite)
+    except DistalexError as exc:
+        return report(exc)
+    finally:
+        shutdown()
+    if _is_main_process():
+        top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
+        crops = " (ten crops)" if result["ten_crop"] else ""
+        print(
+            f"distalex: evaluated step {result['step']} on {result['examples']} {result['split']} examples{crops}: "
+            f"top-1 {result['top1']:.4f}{top5} -> {out / 'eval.json'}",
+            flush=True,
+        )
+    return 0
+
+
+def parse_predict_args(argv=None):
+    parser = _OneLineParser(prog="launch/predict.py", description="Predict the classes of images.")
+    _checkpoint_args(parser)
+    parser.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or folders of them")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--ten-crop", action="store_true", help="ImageFolder: average the softmax over 10 crops")
+    parser.add_argument("--grid", default=None, metavar="PNG", help="also draw the images with their predictions")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
+    return _parse(parser, argv)
+
+
+def predict_main(argv=None) -> int:
+    args, status = parse_predict_args(argv)
+    if args is None:
+        return status
+    try:
+        from distalex.serving.loaded import open_checkpoint
+        from distalex.serving.predict import predict
+
+        loaded = open_checkpoint(args.checkpoint, args.config)
+        grid = Path(args.grid) if args.grid else None
+        n = predict(
+            loaded,
+            args.images,
+            args.top_k,
+            args.ten_crop,
+            grid,
+            args.overwrite,
+            emit=lambda line: print(line, flush=True),
+            notify=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except DistalexError as exc:
+        return report(exc)
+    if grid is not None:
+        print(f"distalex: {n} images drawn -> {grid}", file=sys.stderr, flush=True)
+    return 0
+
+
+def parse_export_args(argv=None):
+    parser = _OneLineParser(prog="launch/export.py", description="Export a checkpoint's network, verified.")
+    _checkpoint_args(parser)
+    parser.add_argument("--format", required=True, metavar="onnx|pt2|state-dict", help="what to write")
+    parser.add_argument(
+        "--out", default=None, help="default: beside the checkpoint, step_N.onnx|.pt2|.state_dict.safetensors"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (data.root=..., ...)")
+    return _parse(parser, argv)
+
+
+def export_main(argv=None) -> int:
+    args, status = parse_export_args(argv)
+    if args is None:
+        return status
+    try:
+        from distalex.serving.export import check_format, default_out, export
+        from distalex.serving.loaded import open_checkpoint
+
+        fmt = check_format(args.format)
+        loaded = open_checkpoint(args.checkpoint, args.config, args.overrides)
+        out = Path(args.out) if args.out else default_out(loaded.path, fmt)
+        result = export(loaded, fmt, out, args.overwrite, notify=lambda line: print(line, file=sys.stderr, flush=True))
+    except DistalexError as exc:
+        return report(exc)
+    print(
+        f"distalex: exported {fmt} -> {result['out']} ({result['bytes'] / 1e6:.3g} MB); verified against the "
+        f"reference model on {'; '.join(result['checks'])}: max |difference| {result['max_abs_diff']:.3g} = "
+        f"{result['max_rel_diff']:.3g} of the largest |logit| (allowed 1e-05); {result['seconds']:.3g} s",
+        flush=True,
+    )
+    return 0
+
+
+def evaluate_exit() -> None:
+    sys.exit(evaluate_main())
+
+
+def predict_exit() -> None:
+    sys.exit(predict_main())
+
+
+def export_exit() -> None:
+    sys.exit(export_main())

@@ -276,10 +276,21 @@ def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
 
 
 def load_config(
-    path: Optional[str] = None, overrides: Optional[List[str]] = None, split_mode: Optional[str] = None
+    path: Optional[str] = None,
+    overrides: Optional[List[str]] = None,
+    split_mode: Optional[str] = None,
+    base: Optional[dict] = None,
+    base_name: str = "config",
 ) -> DictConfig:
-    """Merge schema, YAML, split mode and overrides; validate; return read-only."""
+    """Merge schema, YAML, split mode and overrides; validate; return read-only.
+    ``base``: a config as a plain dict (a checkpoint's), merged in place of the YAML
+    file; ``base_name`` names it in messages."""
     cfg = OmegaConf.structured(Config)
+    if base is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
+        except (OmegaConfBaseException, ValueError) as exc:
+            raise ConfigError(_keyed(exc, base_name)) from None
     if path is not None:
         from_file = read_config_file(path)
         try:

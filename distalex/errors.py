@@ -50,6 +50,14 @@ class RunDirError(BadInput):
     """``train.output_dir`` cannot be used by this run."""
 
 
+class UsageError(BadInput):
+    """A command-line argument is missing, unknown or invalid (an unknown export format, say)."""
+
+
+class OutputError(BadInput):
+    """An output file a command would write exists (and ``--overwrite`` was not given) or cannot be made."""
+
+
 class RunFailure(DistalexError):
     """The run failed after it started; earlier checkpoints and records are kept (exit status 1)."""
 
@@ -65,6 +73,10 @@ class NonFiniteLoss(RunFailure):
 class DataFailure(RunFailure):
     """A data file that passed the start-up check could not be read during the run
     (it changed or went away meanwhile): the run fails, its checkpoints are kept."""
+
+
+class ExportFailure(RunFailure):
+    """An exported model does not reproduce the reference model's outputs; nothing is kept."""
 
 
 class Interrupted(DistalexError):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything distalex needs on a fresh Debian/Ubuntu machine with Python 3.11:
 # the real Fashion-MNIST files (Debian package), a virtual environment in .venv,
-# and the package with its test extra.  Safe to run again.
+# and the package with its test and export extras.  Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
@@ -14,5 +14,5 @@ PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,export]"
 .venv/bin/python -c "import distalex, torch, torchvision, accelerate, wandb; print('distalex ready: torch', torch.__version__)"

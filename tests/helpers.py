@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -20,6 +21,9 @@ from distalex.runtime.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
+EVALUATE = str(ROOT / "launch" / "evaluate.py")
+PREDICT = str(ROOT / "launch" / "predict.py")
+EXPORT = str(ROOT / "launch" / "export.py")
 TINY = str(ROOT / "configs" / "tiny.yaml")
 PAPER = str(ROOT / "configs" / "paper_imagenet.yaml")
 # A few seconds per run on 2 cores: 1/8-width network, 67x67 images, small subsets.
@@ -72,9 +76,16 @@ def launch_cmd(nprocs: int, *args, extra_launch=(), script=TRAIN) -> list:
     ]  # fmt: skip
 
 
-def run_cli(*args, nprocs: int = 1, timeout: float = 300, env=None, check=True) -> subprocess.CompletedProcess:
+def run_cli(
+    *args, nprocs: int = 1, timeout: float = 300, env=None, check=True, script=TRAIN
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        launch_cmd(nprocs, *args), capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=ROOT
+        launch_cmd(nprocs, *args, script=script),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(),
+        cwd=ROOT,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
@@ -322,3 +333,49 @@ def nan_loss_at(trainer, step: int, poison: bool = True) -> None:
 
     trainer.state.model.register_forward_hook(poison_logits)
     inner_optimizer(trainer).register_step_pre_hook(skip_update)
+
+
+# --------------------------------------------------------------------------- exports
+def assert_close(got, expected, tolerance=1e-5):
+    """Each output within ``tolerance`` x the largest |logit| of the reference's (what export checks)."""
+    import torch
+
+    for g, e in zip(got, expected, strict=True):
+        assert tuple(g.shape) == tuple(e.shape)
+        assert (torch.as_tensor(g) - e).abs().max().item() <= tolerance * e.abs().max().item()
+
+
+def docs_loader() -> str:
+    """The plain-PyTorch block of docs/use.md."""
+    text = (ROOT / "docs" / "use.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return next(b for b in blocks if "plain PyTorch: load a distalex state-dict export" in b)
+
+
+def assert_plain_pytorch_loads(path, batches, expected, tmp_path) -> None:
+    """docs/use.md's loader, run where distalex cannot be imported, gives the reference outputs."""
+    from safetensors.torch import save_file
+
+    save_file({f"x{i}": x for i, x in enumerate(batches)}, str(tmp_path / "inputs.safetensors"))
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import sys\nsys.modules['distalex'] = None  # any import of distalex fails\n"
+        + docs_loader()
+        + "\nimport torch\nfrom safetensors.torch import load_file, save_file\n"
+        "model, classes = load_alexnet(sys.argv[1])\n"
+        "xs = load_file(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    save_file({k: model(x) for k, x in xs.items()}, sys.argv[3])\n"
+        "print(len(classes))\n"
+    )
+    outputs = tmp_path / "outputs.safetensors"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(path), str(tmp_path / "inputs.safetensors"), str(outputs)],
+        capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    got = load_file(str(outputs))
+    assert_close([got[f"x{i}"] for i in range(len(batches))], expected)
+    assert proc.stdout.strip() == str(expected[0].shape[1])

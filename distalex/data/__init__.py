@@ -32,6 +32,7 @@ __all__ = [
     "InMemoryDataset",
     "SharedCheck",
     "build_data",
+    "build_test_data",
     "epoch_permutation",
     "load_fashion_mnist",
     "locate_fashion_mnist",
@@ -78,3 +79,22 @@ def _in_memory(cfg, replica: int, replicas: int, device: torch.device) -> DataBu
         return DeviceLoader(dataset, plan, d.image_size, device, channels_last=t.channels_last)
 
     return DataBundle(loader(train), loader(test), len(train.classes), train.classes, warnings)
+
+
+def build_test_data(
+    cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None
+) -> tuple[BatchLoader, tuple[str, ...], list[str]]:
+    """The evaluation split of ``cfg.data`` alone (Fashion-MNIST's test set, the synthetic
+    test set, an ImageFolder's val/): this replica's loader, the class names and warnings."""
+    d, m = cfg.data, cfg.model
+    if d.name == "imagefolder":
+        from distalex.data.imagefolder import build_imagefolder_val
+
+        loader, classes, warnings = build_imagefolder_val(cfg, replica, replicas, device, check)
+    else:
+        bundle = _in_memory(cfg, replica, replicas, device)
+        loader, classes, warnings = bundle.test, bundle.classes, bundle.warnings
+    if len(classes) != m.num_classes:
+        what = f"ImageFolder {d.root}" if d.name == "imagefolder" else d.name
+        raise DataError(f"{what} has {len(classes)} classes but model.num_classes={m.num_classes}")
+    return loader, classes, warnings

@@ -34,6 +34,7 @@ from torch.autograd.profiler import record_function
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from distalex.data.common import Batch, DataBundle, GlobalBatchPlan, SharedCheck
+from distalex.data.images import UNREADABLE, to_mode
 from distalex.errors import DataError, DataFailure
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -102,10 +103,6 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(key)
 
 
-# What PIL raises for a file it cannot open or decode (SyntaxError: some of its parsers).
-_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
 def _load_rgb(path: str, min_side: int = 0) -> Image.Image:
     """Decode as RGB.  ``min_side``: JPEGs may be decoded at a reduced DCT scale
     (PIL's draft mode, much faster for large photos) as long as both sides stay
@@ -118,8 +115,8 @@ def _load_rgb(path: str, min_side: int = 0) -> Image.Image:
         with Image.open(path) as im:
             if min_side:
                 im.draft("RGB", (min_side, min_side))
-            return im.convert("RGB")
-    except _UNREADABLE as exc:
+            return to_mode(im, "RGB")[0]  # the conversions prediction makes too (16-bit scaled, ...)
+    except UNREADABLE as exc:
         raise DataFailure(
             f"image {path} cannot be read during the run ({exc}); it passed the start-up check, so it "
             f"changed or is damaged past its header; the run stops, its checkpoints are kept"
@@ -131,7 +128,7 @@ def image_problem(path: str) -> str | None:
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except _UNREADABLE as exc:
+    except UNREADABLE as exc:
         return " ".join(str(exc).split()) or type(exc).__name__
     if w < 1 or h < 1:
         return f"its size is {w}x{h}"
@@ -414,22 +411,8 @@ class ImageFolderLoader:
 def build_imagefolder(
     cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None
 ) -> DataBundle:
-    d, m, t = cfg.data, cfg.model, cfg.train
-    if d.root is None:
-        raise DataError(
-            "data.name=imagefolder needs data.root: a folder holding train/ and val/ "
-            "in torchvision's ImageFolder layout"
-        )
-    root = Path(d.root).expanduser()
-    if not root.is_dir():
-        raise DataError(
-            f"ImageFolder root {root} does not exist (data.root; expected "
-            f"{root}/train/<class>/... and {root}/val/<class>/...)"
-        )
-    if m.in_channels != 3:
-        raise DataError(f"ImageFolder images are loaded as RGB: model.in_channels must be 3, got {m.in_channels}")
-    if d.resize_size < d.image_size:
-        raise DataError(f"data.resize_size={d.resize_size} is smaller than the crop data.image_size={d.image_size}")
+    d, t = cfg.data, cfg.train
+    root = _checked_root(cfg)
     warnings: list[str] = []
     train_classes, train_samples = scan_split(root / "train", warnings)
     val_classes, val_samples = scan_split(root / "val", warnings)
@@ -449,3 +432,38 @@ def build_imagefolder(
         return ImageFolderLoader(samples, cfg, plan, device)
 
     return DataBundle(loader(train_samples), loader(val_samples), len(train_classes), train_classes, warnings)
+
+
+def build_imagefolder_val(
+    cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None
+) -> tuple[ImageFolderLoader, tuple[str, ...], list[str]]:
+    """The val/ split alone (what evaluating a trained network reads): its loader, its
+    classes and the warnings; ``train/`` is neither needed nor read."""
+    d, t = cfg.data, cfg.train
+    root = _checked_root(cfg)
+    warnings: list[str] = []
+    classes, samples = scan_split(root / "val", warnings)
+    samples = limit_samples(samples, d.test_limit)
+    verify_images(samples, check or SharedCheck())
+    plan = GlobalBatchPlan(len(samples), t.batch_size, replica, replicas, t.seed)
+    return ImageFolderLoader(samples, cfg, plan, device), classes, warnings
+
+
+def _checked_root(cfg) -> Path:
+    d, m = cfg.data, cfg.model
+    if d.root is None:
+        raise DataError(
+            "data.name=imagefolder needs data.root: a folder holding train/ and val/ "
+            "in torchvision's ImageFolder layout"
+        )
+    root = Path(d.root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"ImageFolder root {root} does not exist (data.root; expected "
+            f"{root}/train/<class>/... and {root}/val/<class>/...)"
+        )
+    if m.in_channels != 3:
+        raise DataError(f"ImageFolder images are loaded as RGB: model.in_channels must be 3, got {m.in_channels}")
+    if d.resize_size < d.image_size:
+        raise DataError(f"data.resize_size={d.resize_size} is smaller than the crop data.image_size={d.image_size}")
+    return root

@@ -57,10 +57,10 @@ class RunDirLock:
         _remove_empty(self.created)
 
 
-def _usable_dir(out: Path) -> tuple:
+def _usable_dir(out: Path, files=RUN_FILES, key: str = "train.output_dir") -> tuple:
     """Create ``out`` if needed; return the folders this call created.  RunDirError if unusable."""
     if out.exists() and not out.is_dir():
-        raise RunDirError(f"train.output_dir '{out}' is a file, not a directory")
+        raise RunDirError(f"{key} '{out}' is a file, not a directory")
     created = []
     for d in (out, *out.absolute().parents):
         if d.exists():
@@ -69,13 +69,13 @@ def _usable_dir(out: Path) -> tuple:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RunDirError(f"train.output_dir '{out}' cannot be created ({describe(exc)})") from None
-    for name in RUN_FILES:
+        raise RunDirError(f"{key} '{out}' cannot be created ({describe(exc)})") from None
+    for name in files:
         path = out / name
         wrong = path.is_file() if name == "checkpoints" else path.is_dir()
         if wrong:
             raise RunDirError(
-                f"train.output_dir '{out}': '{name}' is a {'file' if name == 'checkpoints' else 'directory'}, "
+                f"{key} '{out}': '{name}' is a {'file' if name == 'checkpoints' else 'directory'}, "
                 f"where the run keeps its {'checkpoints folder' if name == 'checkpoints' else 'records file'}"
             )
     return tuple(created)
@@ -95,7 +95,7 @@ def _holder(path: Path) -> str:
     return text.splitlines()[0][:200] if text else "holder unknown"
 
 
-def _lock(out: Path, created: tuple) -> RunDirLock:
+def _lock(out: Path, created: tuple, key: str = "train.output_dir") -> RunDirLock:
     """Take the lock.  The holder unlinks the file before it lets go, so a run that opened
     the old file and gets its lock after the unlink finds the path no longer names its file
     and tries again on the new one: two runs can never both hold ``.lock``."""
@@ -105,16 +105,16 @@ def _lock(out: Path, created: tuple) -> RunDirLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             _remove_empty(created)
-            raise RunDirError(f"train.output_dir '{out}' is not writable ({describe(exc)})") from None
+            raise RunDirError(f"{key} '{out}' is not writable ({describe(exc)})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirError(f"train.output_dir '{out}' cannot be locked ({describe(exc)})") from None
+                raise RunDirError(f"{key} '{out}' cannot be locked ({describe(exc)})") from None
             raise RunDirError(
-                f"train.output_dir '{out}' is in use by another run ({_holder(path)}); "
-                f"wait for it to finish or choose another train.output_dir"
+                f"{key} '{out}' is in use by another run ({_holder(path)}); "
+                f"wait for it to finish or choose another {key}"
             ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -130,9 +130,9 @@ def _lock(out: Path, created: tuple) -> RunDirLock:
             os.pwrite(fd, info.encode(), 0)
         except OSError as exc:
             lock.release()
-            raise RunDirError(f"train.output_dir '{out}' is not writable ({describe(exc)})") from None
+            raise RunDirError(f"{key} '{out}' is not writable ({describe(exc)})") from None
         return lock
-    raise RunDirError(f"train.output_dir '{out}': could not lock {path} (it keeps being replaced)")
+    raise RunDirError(f"{key} '{out}': could not lock {path} (it keeps being replaced)")
 
 
 def _remove_empty(folders) -> None:
@@ -146,18 +146,39 @@ def _remove_empty(folders) -> None:
 
 def claim_output_dir(train: TrainConfig, placement) -> RunDirLock:
     """Usable, locked, free of stale temporary files -- or RunDirError on every rank."""
-    out = Path(train.output_dir)
+    return claim_dir(Path(train.output_dir), placement, RUN_FILES, "train.output_dir")
+
+
+def claim_dir(out: Path, placement, files, key: str) -> RunDirLock:
+    """:func:`claim_output_dir` for any command's output dir: ``files`` are the names the
+    command writes there, ``key`` how the user names the dir (in every message)."""
     lock, failure = RunDirLock(out, None), None
     if placement.is_main:
         try:
-            lock = _lock(out, _usable_dir(out))
+            lock = _lock(out, _usable_dir(out, files, key), key)
             for d in (out, out / "checkpoints"):
                 remove_stale_temps(d)
         except RunDirError as exc:
             failure = exc
     if placement.any_rank(failure is not None):
-        raise failure or RunDirError(f"train.output_dir '{out}' was refused on the main process")
+        raise failure or RunDirError(f"{key} '{out}' was refused on the main process")
     return lock
+
+
+def refuse_reuse(out: Path, files, overwrite: bool, key: str, placement, flag: str = "--overwrite") -> None:
+    """Refuse an output dir that already holds what a command writes (``files``) unless
+    ``overwrite``; with it, remove those files first, so a failure never leaves old and new
+    results mixed.  Decided on the main process, shared with every rank."""
+    failure = None
+    if placement.is_main:
+        existing = [name for name in files if (out / name).exists()]
+        if existing and not overwrite:
+            failure = RunDirError(f"{key} '{out}' already holds {', '.join(existing)}; pass {flag} to replace them")
+        elif existing:
+            for name in existing:
+                (out / name).unlink()
+    if placement.any_rank(failure is not None):
+        raise failure or RunDirError(f"{key} '{out}' was refused on the main process")
 
 
 def prepare_output_dir(train: TrainConfig, resume_path, placement, notify=print) -> None:

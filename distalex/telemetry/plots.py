@@ -216,3 +216,52 @@ def plot_profile(bars: Sequence[tuple[str, dict]], path, title: str | None = Non
               ncol=1 if len(categories) <= 2 + 5 * len(bars) else 2)  # fmt: skip
     ax.set_title(title or "where a training step's time goes", fontsize=9)
     return _save(fig, path)
+
+
+def plot_confusion(confusion, classes: Sequence[str], path, title: str | None = None) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) with the class names on
+    both axes and the counts in the cells (up to 30 classes; beyond, the colours only)."""
+    import numpy as np
+
+    m = np.asarray(confusion, dtype=np.float64)
+    n = len(classes)
+    side = min(max(4.0, 0.45 * n + 2.0), 30.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    rows = m.sum(1, keepdims=True)
+    shares = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)  # colour: share of the true class
+    im = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    labels_shown = n <= 60
+    ax.set_xticks(range(n), classes if labels_shown else [], rotation=45 if n > 4 else 0, ha="right")
+    ax.set_yticks(range(n), classes if labels_shown else [])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if m[i, j]:
+                    colour = "white" if shares[i, j] > 0.5 else "black"
+                    ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize="small", color=colour)
+    if title:
+        ax.set_title(title, fontsize="small")
+    return _save(fig, path)
+
+
+def plot_predictions(images: Sequence, titles: Sequence[str], path, correct: Sequence | None = None) -> Path:
+    """A grid of images (H x W or H x W x 3 uint8 arrays) with a title each; with ``correct``
+    (one bool or None per image) right predictions are titled in green, wrong ones in red."""
+    n = len(images)
+    cols = min(n, 6)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        image = images[i]
+        ax.imshow(image, cmap="gray" if getattr(image, "ndim", 3) == 2 else None, vmin=0, vmax=255)
+        ok = None if correct is None else correct[i]
+        colour = "black" if ok is None else ("green" if ok else "red")
+        ax.set_title(titles[i], fontsize="small", color=colour)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -166,11 +166,12 @@ def momentum_buffers(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
     return buffers
 
 
-def build_state(placement, state: TrainingState, config: dict, last_eval: dict | None = None) -> dict:
+def build_state(placement, state: TrainingState, config: dict, last_eval: dict | None = None, classes=None) -> dict:
     """Collective: every rank calls it; the returned dict is complete on rank 0.
 
     ``last_eval``: the newest evaluation row (the finished epoch's figures), so a
-    run resumed after its last step reports what the uninterrupted run would."""
+    run resumed after its last step reports what the uninterrupted run would.
+    ``classes``: the data's class names in label order (what predictions are called)."""
     tensors = placement.full_tensors(dict(state.model.state_dict()))
     momentum = placement.full_tensors(momentum_buffers(state.model, state.optimizer))
     rng = _all_ranks(_rng_state(placement.device), placement.mesh.world_size)
@@ -186,6 +187,7 @@ def build_state(placement, state: TrainingState, config: dict, last_eval: dict |
         "position": dataclasses.asdict(state.position),
         "stats": {"meter": state.meter.state_dict(), "totals": totals},
         "last_eval": dict(last_eval or {}),
+        "classes": list(classes) if classes is not None else None,
         "config": config,
         "placement": {
             "split_mode": placement.split_mode,
@@ -241,6 +243,7 @@ def decode(meta: dict | None, tensors: dict[str, torch.Tensor], path) -> dict:
     last_eval = info.get("last_eval", {})
     if not isinstance(last_eval, dict):
         raise _refuse(path, "field 'last_eval' is not an object")
+    _check_classes(info, path)
     groups: dict[str, dict] = {g: {} for g in TENSOR_GROUPS}
     rng: list[dict] = [{} for _ in range(max(0, min(info["rng_ranks"], 1 << 16)))]
     for key, t in tensors.items():
@@ -259,6 +262,25 @@ def decode(meta: dict | None, tensors: dict[str, torch.Tensor], path) -> dict:
     if any("cpu" not in r or r["cpu"].dtype != torch.uint8 for r in rng):
         raise _refuse(path, "an RNG state is missing or malformed")
     return {**info, **groups, "rng": rng, "last_eval": last_eval}
+
+
+def _check_classes(info: dict, path) -> None:
+    """Class names are optional (checkpoints written before they were recorded have none);
+    present, they are one string per output of the network."""
+    classes = info.get("classes")
+    if classes is None:
+        return
+    num_classes = info["spec"].get("num_classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise _refuse(path, "field 'classes' is not a list of names")
+    if len(classes) != num_classes:
+        raise _refuse(path, f"field 'classes' names {len(classes)} classes, the network has {num_classes!r}")
+
+
+def class_names(saved: dict) -> tuple[str, ...] | None:
+    """The class names a checkpoint carries, in label order; None for older checkpoints."""
+    classes = saved.get("classes")
+    return tuple(classes) if classes is not None else None
 
 
 def _names(cls) -> set:
@@ -290,10 +312,12 @@ def write(saved: dict, output_dir: str, step: int, keep: int) -> Path:
     return final
 
 
-def save(placement, state: TrainingState, config: dict, output_dir: str, keep: int, last_eval=None) -> Path | None:
+def save(
+    placement, state: TrainingState, config: dict, output_dir: str, keep: int, last_eval=None, classes=None
+) -> Path | None:
     """Collective: gather the state on rank 0, which writes it; every rank returns after the
     write, or raises when it failed (so no rank waits for a write that will never come)."""
-    saved = build_state(placement, state, config, last_eval)
+    saved = build_state(placement, state, config, last_eval, classes)
     path, failure = None, None
     if placement.is_main:
         try:
@@ -412,9 +436,13 @@ def load_reference(path: str) -> nn.Module:
     """The plain reference model from any placement's checkpoint.  The network is first
     built without memory and compared with the file's tensors, so a crafted spec cannot
     make it allocate more than the file holds."""
+    return reference_from_state(read(Path(path)), path)
+
+
+def reference_from_state(state: dict, path) -> nn.Module:
+    """The plain reference model from a checkpoint's contents (as :func:`read` returns them)."""
     from distalex.model.alexnet import AlexNet, AlexNetSpec
 
-    state = read(Path(path))
     try:
         spec = AlexNetSpec(**state["spec"])
         with torch.device("meta"):

@@ -178,6 +178,7 @@ class Trainer:
             self.cfg.train.output_dir,
             self.cfg.train.keep_checkpoints,
             last_eval=self.run.last_eval,
+            classes=self.data.classes,
         )
 
     def finish(self) -> dict:

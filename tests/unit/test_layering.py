@@ -20,6 +20,7 @@ LAYERS = [
     ("parallel",),
     ("telemetry",),
     ("training",),
+    ("serving",),  # the trained model in use: evaluate, predict, export (beneath the command lines)
     ("cli", "__init__"),  # the command line and the public API
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
