@@ -86,7 +86,7 @@ def _pipeline_row(spec, world: int, batch: int, stages: int = 2) -> dict:
         for k in range(stages)
     ]
     allreduce = ddp_bytes_per_step(max(held), replicas) if replicas > 1 else 0
-    return _row("pipeline", world, f"{replicas} x{stages} stages", exchange, allreduce)
+    return _row("pipeline", world, f"{replicas} x{stages}", exchange, allreduce)
 
 
 def _row(mode: str, world: int, layout: str, exchange: int, allreduce: int) -> dict:
