@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distalex.errors import ConfigError
 
-SPLIT_MODES = ("single", "ddp", "model-parallel", "hybrid")
+SPLIT_MODES = ("single", "ddp", "model-parallel", "hybrid", "pipeline")
 DATASETS = ("fashion_mnist", "synthetic", "imagefolder")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # YAML 1.1 reads a bare `no` as a boolean; OmegaConf then stores "False".
@@ -29,6 +29,7 @@ SCHEDULES = ("constant", "plateau")
 COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
 INITS = ("xavier", "paper")
 DROPOUT_RNGS = ("placement_invariant", "process")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 # Keys that decide which examples a step trains on: a resume that changes one would
 # continue at a data position that means something else (refused unless listed in
 # train.resume_allow_changes).  data.image_size is checked with the network.
@@ -157,6 +158,21 @@ class DDPConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """``--split-mode pipeline``: the network cut by layers into stages (docs/pipeline.md).
+    Whether the numbers fit the launched processes is checked with the mesh
+    (distalex/parallel/mesh.py), like every other placement's."""
+
+    # Stages per replica (S).  Unset: one more than the boundaries if given, else every process
+    # (one replica); W = replicas x S, so pipeline.stages=2 on 4 processes is 2 replicas x 2 stages.
+    stages: Optional[int] = None
+    microbatches: int = 4  # M: micro-batches of each replica's rows per step (must divide them)
+    schedule: str = "1f1b"  # gpipe (all forwards, then all backwards) | 1f1b (needs M >= S)
+    # The first layer of stages 1..S-1, e.g. [conv3, fc6]; empty: balanced by the layers' FLOPs.
+    boundaries: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TrackingConfig:
     wandb: bool = True
     project: str = "distalex"
@@ -175,6 +191,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -427,6 +444,14 @@ def validate(cfg: DictConfig) -> None:
     cap = g.bucket_cap_mb
     _require(cap is None or cap > 0, "ddp.bucket_cap_mb", f"must be > 0 or unset, got {cap}")
     _require(g.powersgd_rank >= 1, "ddp.powersgd_rank", f"must be >= 1, got {g.powersgd_rank}")
+    pp = cfg.pipeline
+    _require(pp.stages is None or pp.stages >= 1, "pipeline.stages", f"must be >= 1 or unset, got {pp.stages}")
+    _require(pp.microbatches >= 1, "pipeline.microbatches", f"must be >= 1, got {pp.microbatches}")
+    _require(
+        pp.schedule in PIPELINE_SCHEDULES,
+        "pipeline.schedule",
+        f"must be one of {PIPELINE_SCHEDULES}, got '{pp.schedule}'",
+    )
     # PowerSGD's error feedback needs the first two steps' plain all-reduce (a PyTorch requirement).
     _require(g.powersgd_start_iter >= 2, "ddp.powersgd_start_iter", f"must be >= 2, got {g.powersgd_start_iter}")
 

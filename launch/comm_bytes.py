@@ -34,8 +34,15 @@ from pathlib import Path
 
 from distalex.config import load_config
 from distalex.model.alexnet import AlexNet, count_parameters, spec_from_config
+from distalex.model.flops import layer_counts
 from distalex.parallel import hybrid
-from distalex.parallel.comm import ddp_bytes_per_step, hybrid_bytes_per_step, tower_bytes_per_step
+from distalex.parallel.comm import (
+    ddp_bytes_per_step,
+    hybrid_bytes_per_step,
+    pipeline_bytes_per_step,
+    tower_bytes_per_step,
+)
+from distalex.parallel.pipeline import cut_stages, reference_children, stage_layers
 
 WORLD_SIZES = (2, 4, 8, 16)
 # One direction, per process.  NVLink 4 (H100 SXM): 900 GB/s both directions;
@@ -62,7 +69,24 @@ def bytes_table(cfg) -> list[dict]:
             exchange = sum(hybrid_bytes_per_step(base, world, batch).values())
             conv = ddp_bytes_per_step(hybrid.replicated_parameters(base), world)
             rows.append(_row("hybrid", world, f"{world} shards", exchange, conv))
+        rows.append(_pipeline_row(base, world, batch))
     return rows
+
+
+def _pipeline_row(spec, world: int, batch: int, stages: int = 2) -> dict:
+    """2 stages x W/2 replicas, cut by FLOPs: the busier stage's figures (stage boundaries
+    send the same tensor each way, so both stages send the same bytes)."""
+    replicas = world // stages
+    cuts = cut_stages([(c.name, c.macs) for c in layer_counts(spec)], stages, None)
+    exchange = max(sum(pipeline_bytes_per_step(spec, cuts, k, batch // replicas).values()) for k in range(stages))
+    params = dict(AlexNet(spec).named_parameters())
+    children = reference_children(spec)
+    held = [
+        sum(p.numel() for n, p in params.items() if n.split(".")[0] in stage_layers(children, cuts, k))
+        for k in range(stages)
+    ]
+    allreduce = ddp_bytes_per_step(max(held), replicas) if replicas > 1 else 0
+    return _row("pipeline", world, f"{replicas} x{stages}", exchange, allreduce)
 
 
 def _row(mode: str, world: int, layout: str, exchange: int, allreduce: int) -> dict:

@@ -68,6 +68,22 @@ class AlexNetSpec:
             out[pool] = (side - 3) // 2 + 1 if side >= 3 else 0
         return out
 
+    def layer_inputs(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one example's input to every weight layer (conv1..fc8): what crosses a
+        pipeline boundary cut in front of that layer (:mod:`distalex.parallel.pipeline`)."""
+        c, sides = self.conv_channels, self.sides()
+        maps = sides["pool2"]
+        return {
+            "conv1": (self.in_channels, self.image_size, self.image_size),
+            "conv2": (c[0], sides["pool1"], sides["pool1"]),
+            "conv3": (c[1], maps, maps),
+            "conv4": (c[2], maps, maps),
+            "conv5": (c[3], maps, maps),
+            "fc6": (self.flat_features,),
+            "fc7": (self.fc_units,),
+            "fc8": (self.fc_units,),
+        }
+
     def feature_size(self, image_size: int | None = None) -> int:
         """Side of conv5's pooled maps for a square input (0 if too small)."""
         return self.sides(image_size)["pool5"]

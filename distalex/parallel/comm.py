@@ -14,6 +14,8 @@ the shapes alone, which the tests compare.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from distalex.model.alexnet import AlexNetSpec
@@ -87,3 +89,20 @@ def hybrid_bytes_per_step(spec: AlexNetSpec, world: int, global_batch: int, elem
         k: all_gather_bytes(n, world, element_size) + reduce_scatter_bytes(n, world, element_size)
         for k, n in parts.items()
     }
+
+
+def pipeline_bytes_per_step(
+    spec: AlexNetSpec, cuts: tuple[str, ...], stage: int, replica_rows: int, element_size: int = 4
+) -> dict[str, int]:
+    """Bytes pipeline stage ``stage`` sends in one training step (all micro-batches together):
+    forward, the activations entering the next stage (the input of its first layer ``cuts[stage+1]``);
+    backward, the gradient of this stage's own input (the input of ``cuts[stage]``).  Point to
+    point: each tensor crosses one link once, so the figure does not depend on the micro-batches."""
+    inputs = spec.layer_inputs()
+    per_example = {name: math.prod(shape) for name, shape in inputs.items()}
+    out = {"forward": 0, "backward": 0}
+    if stage + 1 < len(cuts):
+        out["forward"] = replica_rows * per_example[cuts[stage + 1]] * element_size
+    if stage > 0:
+        out["backward"] = replica_rows * per_example[cuts[stage]] * element_size
+    return out

@@ -23,6 +23,7 @@ The loop never branches on the split mode; only :func:`placement_for` does, once
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -34,7 +35,8 @@ from torch.autograd.profiler import record_function
 
 from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
 from distalex.model.dropout import KeyedDropout
-from distalex.parallel import hybrid
+from distalex.model.flops import layer_counts
+from distalex.parallel import hybrid, pipeline
 from distalex.parallel.comm import CommStats
 from distalex.parallel.ddp import DDPOptions
 from distalex.parallel.launch import processes_per_node
@@ -59,6 +61,7 @@ class Placement:
     tower_group: dist.ProcessGroup | None = None  # this replica's towers
     replica_group: dist.ProcessGroup | None = None  # this tower's replicas (hybrid: all ranks)
     shard_group: dist.ProcessGroup | None = None  # hybrid: the ranks that split fc6..fc8 (all ranks)
+    stage_group: dist.ProcessGroup | None = None  # pipeline: this replica's stages
     control_group: dist.ProcessGroup | None = None  # gloo, all ranks: host-side flags
     notices: list = field(default_factory=list)
     exchange_stats: CommStats = field(default_factory=CommStats)  # bytes the tower/hybrid exchanges send
@@ -72,7 +75,7 @@ class Placement:
 
     @property
     def replica(self) -> int:
-        return self.rank // self.mesh.tower_ranks
+        return self.rank // self.mesh.inner
 
     @property
     def tower(self) -> int:
@@ -281,9 +284,146 @@ class HybridPlacement(Placement):
         return shard_state_dict(reference, self.rank, self.mesh.fc_shards, dim_of=hybrid.shard_dim)
 
 
+@dataclass
+class PipelinePlacement(Placement):
+    """``pipeline``: stage ``rank % S`` of replica ``rank // S`` holds a stretch of layers
+    (:mod:`distalex.parallel.pipeline`); PyTorch's schedule runs the micro-batches' forwards and
+    backwards; each stage is DDP-averaged with the same stage of the other replicas only."""
+
+    exchange_key: ClassVar[str | None] = "pipeline_bytes_per_step"
+    _stage: pipeline.InstrumentedStage | None = None
+    _schedule: object = None
+    _scaler: object = None
+
+    @property
+    def stage(self) -> int:
+        return self.rank % self.mesh.stages
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.mesh.stages - 1
+
+    @property
+    def replica_rows(self) -> int:
+        return self.global_batch // self.mesh.replicas
+
+    def stage_ranks(self) -> list[int]:
+        """The global ranks of this replica's stages, in stage order."""
+        first = self.replica * self.mesh.stages
+        return list(range(first, first + self.mesh.stages))
+
+    def layers(self) -> list[str]:
+        return pipeline.stage_layers(pipeline.reference_children(self.spec), self.mesh.cuts, self.stage)
+
+    def local_model(self, reference: AlexNet) -> nn.Module:
+        return pipeline.stage_module(reference, pipeline.reference_children(self.spec), self.mesh.cuts, self.stage)
+
+    def wrap(self, model: nn.Module, accelerator) -> nn.Module:
+        """DDP over this stage's replicas (stage A is never averaged with stage B), then the
+        stage and PyTorch's schedule over it.  Boundary shapes come from the spec, per micro-batch."""
+        inner = model
+        if self.mesh.replicas > 1:
+            self._count_ddp_bytes(list(model.parameters()))
+            inner = self._ddp_over_replica_group(model)
+        rows = self.replica_rows // self.mesh.microbatches
+        dtype = _boundary_dtype(getattr(accelerator, "mixed_precision", "no"))
+        shape = functools.partial(pipeline.boundary_shape, self.spec, self.mesh.cuts, rows=rows)
+        last = self.is_last_stage
+        # requires_grad marks what has a gradient to send back: every boundary, not the data.
+        if self.stage == 0:
+            inputs = torch.empty((rows, *self.spec.layer_inputs()["conv1"]), device=self.device)
+        else:
+            inputs = torch.empty(shape(self.stage), dtype=dtype, device=self.device, requires_grad=True)
+        outputs = torch.empty(
+            (rows, self.spec.num_classes) if last else shape(self.stage + 1),
+            dtype=torch.float32 if last else dtype,
+            device=self.device,
+            requires_grad=True,
+        )
+        self._stage = pipeline.InstrumentedStage(
+            inner,
+            self.stage,
+            self.mesh.stages,
+            self.device,
+            input_args=inputs,
+            output_args=outputs,
+            group=self.stage_group,
+            stats=self.exchange_stats,
+            before_forward=self._place_microbatch,
+        )
+        self._scaler = getattr(accelerator, "scaler", None)
+        loss_fn = pipeline.scaled_cross_entropy(self._scaler)
+        self._schedule = pipeline.make_schedule(self.mesh.schedule, self._stage, self.mesh.microbatches, loss_fn)
+        return inner
+
+    def _place_microbatch(self, microbatch: int) -> None:
+        """Before micro-batch ``microbatch``'s forward: its rows of the global batch, for the masks."""
+        rows = self.replica_rows // self.mesh.microbatches
+        for d in self._dropouts:
+            d.place(self.replica * self.replica_rows + microbatch * rows, self.global_batch, (0, 1))
+
+    def forward_backward(self, model, x, y, step, autocast, backward):
+        """The schedule runs every micro-batch's forward and backward (``backward`` is not used:
+        under fp16 the loss is scaled inside the schedule, :func:`pipeline.scaled_cross_entropy`).
+        The step's loss and logits come from the last stage and are broadcast to the replica's
+        other stages, so every rank returns the same figures."""
+        for d in self._dropouts:
+            d.at_step(self._dropout_seed, step)
+        self._stage.start_step()
+        losses: list[torch.Tensor] = []
+        with autocast():
+            if self.stage == 0:
+                logits = self._schedule.step(x)
+            elif self.is_last_stage:
+                logits = self._schedule.step(target=y, losses=losses)
+            else:
+                logits = self._schedule.step()
+        self._stage.end_step()
+        return self._share_figures(losses, logits)
+
+    def _share_figures(self, losses, logits):
+        rows, classes = self.replica_rows, self.spec.num_classes
+        if self.is_last_stage:
+            loss = pipeline.step_loss(losses, self._scaler)
+            packed = torch.cat([loss.reshape(1), logits.detach().float().reshape(-1)])
+        else:
+            packed = torch.empty(1 + rows * classes, device=self.device)
+        with record_function(pipeline.PROFILE_LABEL):
+            dist.broadcast(packed, src=self.stage_ranks()[-1], group=self.stage_group)
+        return packed[0], packed[1:].view(rows, classes)
+
+    @property
+    def last_trace(self) -> pipeline.StepTrace:
+        """The latest step's actions on this stage (the bubble, the micro-batches in flight)."""
+        return self._stage.trace
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """The whole reference model gathered on every rank (a collective over the stages), so
+        that evaluation is plain data parallelism."""
+        with torch.device("meta"):
+            reference = AlexNet(self.spec)
+        reference.load_state_dict(self.full_tensors(dict(model.state_dict())), assign=True)
+        return reference.train(model.training)
+
+    def full_tensors(self, tensors):
+        return pipeline.gather_stages(tensors, self.stage_group, self.stage_ranks(), self.device)
+
+    def local_tensors(self, reference):
+        mine = set(self.layers())
+        return {k: v for k, v in reference.items() if k.split(".")[0] in mine}
+
+
+def _boundary_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of the activations crossing a boundary: every stage ends after a weight layer
+    (or its ReLU, pool, dropout), whose output autocast computes in the low precision."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
 def placement_for(split_mode: str, mesh: Mesh, rank: int, device: torch.device, spec: AlexNetSpec, **groups):
     """The placement object of a planned mesh: the one place that branches on the layout."""
-    if mesh.tower_ranks > 1:
+    if mesh.stages > 1:
+        cls = PipelinePlacement
+    elif mesh.tower_ranks > 1:
         cls = TowerPlacement
     elif mesh.fc_shards > 1:
         cls = HybridPlacement
@@ -294,9 +434,12 @@ def placement_for(split_mode: str, mesh: Mesh, rank: int, device: torch.device, 
     return cls(split_mode, mesh, rank, device, spec, **groups)
 
 
-def make_placement(split_mode: str, spec: AlexNetSpec, global_batch: int, ddp: DDPOptions, timeout, accelerator):
+def make_placement(
+    split_mode: str, spec: AlexNetSpec, global_batch: int, ddp: DDPOptions, timeout, accelerator, pipeline_cfg=None
+):
     """Plan and validate the mesh for the launched processes, create its process groups
-    (every group with ``timeout``) and return this rank's placement."""
+    (every group with ``timeout``) and return this rank's placement.  ``pipeline_cfg``: the
+    config's pipeline section (pipeline mode)."""
     world = accelerator.num_processes
     spec.check()
     cuda = accelerator.device.type == "cuda"
@@ -311,13 +454,19 @@ def make_placement(split_mode: str, spec: AlexNetSpec, global_batch: int, ddp: D
         gpus=torch.cuda.device_count() if cuda else 0,
         fc_units=spec.fc_units,
         width=spec.width,
+        pipeline=pipeline_cfg,
+        layers=[(c.name, c.macs) for c in layer_counts(spec)],
     )
     placement = placement_for(
         split_mode, mesh, accelerator.process_index, accelerator.device, spec, global_batch=global_batch
     )
     placement.ddp = ddp
     placement.notices.extend(_notices(split_mode, mesh, spec, ddp, accelerator.device))
-    placement.tower_group, placement.replica_group = process_groups(mesh, timeout)
+    inner_group, placement.replica_group = process_groups(mesh, timeout)
+    if mesh.stages > 1:
+        placement.stage_group = inner_group
+    else:
+        placement.tower_group = inner_group
     if mesh.fc_shards > 1:
         # The exchanges get a group of their own, apart from DDP's: each keeps its own order of collectives.
         placement.shard_group = dist.new_group(list(range(world)), timeout=timeout)
@@ -336,6 +485,14 @@ def _notices(split_mode: str, mesh: Mesh, spec: AlexNetSpec, ddp: DDPOptions, de
             f"model-parallel with 1 process: single-device fallback, all {spec.towers} towers "
             f"as grouped convolutions on {device}"
         )
-    elif mesh.world_size == 1 and split_mode == "hybrid":
-        out.append(f"hybrid with 1 process: single-device fallback, the whole model on {device}")
+    elif mesh.world_size == 1 and split_mode in ("hybrid", "pipeline"):
+        out.append(f"{split_mode} with 1 process: single-device fallback, the whole model on {device}")
+    elif split_mode == "pipeline" and mesh.stages == 1:
+        out.append(f"pipeline with 1 stage: data parallelism over {mesh.replicas} replicas (as ddp)")
+    if mesh.stages > 1:
+        cuts = ", ".join(mesh.cuts)
+        out.append(
+            f"pipeline: {mesh.replicas} replica(s) x {mesh.stages} stages starting at {cuts}; "
+            f"{mesh.microbatches} micro-batches, {mesh.schedule}"
+        )
     return out

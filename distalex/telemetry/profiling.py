@@ -21,7 +21,8 @@ picture.  The categories come from ``record_function`` labels with a prefix:
   each backward node shares with the forward op that made it.
 * ``comm:<what>`` -- communication: ``comm:tower`` (the tower exchanges of
   :mod:`distalex.parallel.towers`), ``comm:hybrid`` (the feature and fc exchanges of
-  :mod:`distalex.parallel.hybrid`), ``comm:ddp`` (DDP's gradient all-reduce: the
+  :mod:`distalex.parallel.hybrid`), ``comm:pipeline`` (the stage boundaries' point-to-point
+  sends and receives and the step figures' broadcast, :mod:`distalex.parallel.pipeline`), ``comm:ddp`` (DDP's gradient all-reduce: the
   reducer's work during backward and the wait for its last buckets at the end
   of backward), ``comm:other`` (any other collective, e.g. the per-step stop
   flag).  A new exchange joins by opening ``record_function("comm:<name>")``
@@ -48,6 +49,7 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler import record_function
 
+from distalex.parallel.pipeline import PROFILE_LABEL as PIPELINE_LABEL
 from distalex.parallel.placement import BACKWARD  # the label around the backward pass
 from distalex.runtime.io import write_json
 
@@ -120,6 +122,14 @@ def _own_category(event, seq_category: dict, ddp: bool) -> str | None:
     return None
 
 
+def _collective_category(name: str, ddp_backward: bool) -> str:
+    """Point-to-point sends and receives are the pipeline's stage boundaries (the schedules of
+    distalex/parallel/pipeline.py post them outside any label of ours); DDP's in backward."""
+    if "send" in name or "recv" in name:
+        return PIPELINE_LABEL
+    return "comm:ddp" if ddp_backward else "comm:other"
+
+
 def _is_collective(name: str) -> bool:
     return name.startswith(("c10d::", "gloo:", "nccl:", "record_param_comms")) or "reducer::" in name
 
@@ -150,7 +160,7 @@ def classify(steps: list, ddp: bool = False, device_time: bool = False, ops: dic
     def walk(ev, inherited, in_backward):
         own = _own_category(ev, seq_category, ddp)
         if own is None and _is_collective(ev.name) and not (inherited or "").startswith("comm:"):
-            own = "comm:ddp" if (ddp and in_backward) else "comm:other"
+            own = _collective_category(ev.name, ddp and in_backward)
         category = own or inherited
         if device_time:
             spent = ev.self_device_time_total

@@ -81,7 +81,9 @@ def build_run(cfg) -> Run:
         log_with="wandb" if cfg.tracking.wandb else None,
         project_dir=cfg.train.output_dir,
     )
-    placement = make_placement(cfg.split_mode, spec, cfg.train.batch_size, ddp, timeout, accelerator)
+    placement = make_placement(
+        cfg.split_mode, spec, cfg.train.batch_size, ddp, timeout, accelerator, pipeline_cfg=cfg.pipeline
+    )
     if cfg.train.reuse_host_memory and placement.device.type == "cpu":
         keep_freed_memory()
     for notice in placement.notices:
@@ -218,6 +220,7 @@ def run_info(cfg, placement, accelerator, utilization) -> dict:
         "towers": cfg.model.towers,
         "tower_processes": p.mesh.tower_ranks,
         "fc_shards": p.mesh.fc_shards,
+        "pipeline_stages": p.mesh.stages,
         "mixed_precision": accelerator.mixed_precision,  # what "auto" resolved to on this device
         **determinism.describe(),
         "global_batch": cfg.train.batch_size,
