@@ -26,6 +26,7 @@ class Mesh:
     replicas: int  # data-parallel copies of the model (or of a tower group); in hybrid, of the convolutions
     tower_ranks: int  # processes per replica, each holding one tower (1 unless model-parallel with W > 1)
     fc_shards: int = 1  # hybrid: ranks that split fc6..fc8 by units (W); 1 otherwise
+    param_shards: int = 1  # fsdp: ranks that each hold 1/W of every parameter (W); 1 otherwise
 
     @staticmethod
     def plan(
@@ -58,13 +59,15 @@ class Mesh:
             if world_size != 1:
                 raise ConfigError(
                     f"split_mode=single runs one process but {world_size} were "
-                    f"launched; use --split-mode ddp, model-parallel or hybrid"
+                    f"launched; use --split-mode ddp, model-parallel, hybrid or fsdp"
                 )
             return Mesh(1, 1, 1)
         if split_mode == "ddp":
             mesh = Mesh(world_size, world_size, 1)
-        elif world_size == 1:  # model-parallel and hybrid: single-device fallback
+        elif world_size == 1:  # model-parallel, hybrid and fsdp: single-device fallback
             mesh = Mesh(1, 1, 1)
+        elif split_mode == "fsdp":
+            mesh = Mesh(world_size, world_size, 1, param_shards=world_size)
         elif split_mode == "hybrid":
             if fc_units is not None and fc_units % world_size:
                 raise ConfigError(
