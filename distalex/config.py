@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from distalex.errors import ConfigError
 
-SPLIT_MODES = ("single", "ddp", "model-parallel", "hybrid", "pipeline")
+SPLIT_MODES = ("single", "ddp", "model-parallel", "hybrid", "pipeline", "fsdp")
 DATASETS = ("fashion_mnist", "synthetic", "imagefolder")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # YAML 1.1 reads a bare `no` as a boolean; OmegaConf then stores "False".
@@ -30,6 +30,7 @@ COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
 INITS = ("xavier", "paper")
 DROPOUT_RNGS = ("placement_invariant", "process")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+FSDP_UNITS = ("layer", "network")
 # Keys that decide which examples a step trains on: a resume that changes one would
 # continue at a data position that means something else (refused unless listed in
 # train.resume_allow_changes).  data.image_size is checked with the network.
@@ -173,6 +174,19 @@ class PipelineConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """Fully sharded data parallelism (FSDP2's fully_shard) under --split-mode fsdp."""
+
+    # layer: each conv/fc layer is one unit, all-gathered just before it runs (the least
+    # memory); network: the whole model is one unit (one all-gather per pass, like ZeRO-3 on
+    # a single block).
+    unit: str = "layer"
+    # Free the gathered weights after the forward and gather them again for the backward
+    # (FSDP2's reshard_after_forward): less memory, one more all-gather per unit and step.
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class TrackingConfig:
     wandb: bool = True
     project: str = "distalex"
@@ -192,6 +206,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -384,6 +399,7 @@ def validate(cfg: DictConfig) -> None:
     _require(m.in_channels >= 1, "model.in_channels", f"must be >= 1, got {m.in_channels}")
     _require(m.num_classes >= 2, "model.num_classes", f"must be >= 2, got {m.num_classes}")
     _require(m.init in INITS, "model.init", f"must be one of {INITS}, got '{m.init}'")
+    _require(cfg.fsdp.unit in FSDP_UNITS, "fsdp.unit", f"must be one of {FSDP_UNITS}, got '{cfg.fsdp.unit}'")
     _require(
         m.dropout_rng in DROPOUT_RNGS, "model.dropout_rng", f"must be one of {DROPOUT_RNGS}, got '{m.dropout_rng}'"
     )

@@ -106,3 +106,28 @@ def pipeline_bytes_per_step(
     if stage > 0:
         out["backward"] = replica_rows * per_example[cuts[stage]] * element_size
     return out
+
+
+def fsdp_shard_elements(shape: tuple[int, ...], world: int) -> int:
+    """Elements of one rank's shard of a parameter: FSDP2 cuts dim 0 into W equal parts,
+    padding it to a multiple of W."""
+    rows = -(-shape[0] // world) if shape else 1
+    rest = 1
+    for d in shape[1:]:
+        rest *= d
+    return rows * rest
+
+
+def fsdp_bytes_per_step(
+    units: list[list[tuple[int, ...]]], world: int, reshard_after_forward: bool, element_size: int = 4
+) -> dict[str, int]:
+    """Bytes one rank sends in one training step of fully sharded data parallelism, given the
+    parameter shapes of every unit: each unit's parameters all-gathered for the forward, again
+    for the backward when they were freed after the forward, and their gradients
+    reduce-scattered back to the shards."""
+    gather = reduce = 0
+    for shapes in units:
+        shard = sum(fsdp_shard_elements(s, world) for s in shapes)
+        gather += all_gather_bytes(shard, world, element_size) * (2 if reshard_after_forward else 1)
+        reduce += reduce_scatter_bytes(shard, world, element_size)
+    return {"all_gather": gather, "reduce_scatter": reduce}

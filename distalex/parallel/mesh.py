@@ -35,6 +35,7 @@ class Mesh:
     microbatches: int = 1  # pipeline: micro-batches of each replica's rows per step (M)
     schedule: str = ""  # pipeline: gpipe | 1f1b
     cuts: tuple[str, ...] = ()  # pipeline: the first weight layer of every stage
+    param_shards: int = 1  # fsdp: ranks that each hold 1/W of every parameter (W); 1 otherwise
 
     @property
     def inner(self) -> int:
@@ -76,15 +77,17 @@ class Mesh:
             if world_size != 1:
                 raise ConfigError(
                     f"split_mode=single runs one process but {world_size} were "
-                    f"launched; use --split-mode ddp, model-parallel or hybrid"
+                    f"launched; use --split-mode ddp, model-parallel, hybrid or fsdp"
                 )
             return Mesh(1, 1, 1)
         if split_mode == "ddp":
             mesh = Mesh(world_size, world_size, 1)
-        elif world_size == 1:  # model-parallel, hybrid and pipeline: single-device fallback
+        elif world_size == 1:  # model-parallel, hybrid, pipeline and fsdp: single-device fallback
             mesh = Mesh(1, 1, 1)
         elif split_mode == "pipeline":
             mesh = _plan_pipeline(world_size, global_batch, pipeline, layers)
+        elif split_mode == "fsdp":
+            mesh = Mesh(world_size, world_size, 1, param_shards=world_size)
         elif split_mode == "hybrid":
             if fc_units is not None and fc_units % world_size:
                 raise ConfigError(

@@ -32,12 +32,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.profiler import record_function
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from distalex.config import FSDPConfig
 from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
 from distalex.model.dropout import KeyedDropout
 from distalex.model.flops import layer_counts
 from distalex.parallel import hybrid, pipeline
-from distalex.parallel.comm import CommStats
+from distalex.parallel.comm import CommStats, fsdp_bytes_per_step
 from distalex.parallel.ddp import DDPOptions
 from distalex.parallel.launch import processes_per_node
 from distalex.parallel.mesh import Mesh, process_groups
@@ -72,6 +74,8 @@ class Placement:
 
     # The metrics key of the bytes this placement's own exchanges send (None: it has none).
     exchange_key: ClassVar[str | None] = None
+    # Whether the weights may be stored channels_last (train.channels_last); activations may always.
+    channels_last_weights: ClassVar[bool] = True
 
     @property
     def replica(self) -> int:
@@ -85,14 +89,21 @@ class Placement:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def uses_ddp(self) -> bool:
+        """Whether DDP wraps the model (its all-reduce runs inside backward)."""
+        return False
+
     # -- model ------------------------------------------------------------------------
-    def build_model(self, init: str, seed: int) -> nn.Module:
+    def build_model(self, init: str, seed: int, channels_last: bool = False) -> nn.Module:
         """This rank's module: the reference model initialised identically on every rank,
         then cut to what this rank holds.  Not yet wrapped for DDP."""
         torch.manual_seed(seed)
         reference = AlexNet(self.spec)
         init_weights(reference, init)
-        model = self.local_model(reference).to(self.device)
+        model = self.local_model(reference.to(self.device))
+        if channels_last and self.channels_last_weights:
+            model = model.to(memory_format=torch.channels_last)
         self._place_dropout(model, seed)
         return model
 
@@ -138,6 +149,22 @@ class Placement:
     def inference_model(self, model: nn.Module) -> nn.Module:
         """The module evaluation runs; every rank evaluates its own share of the rows."""
         return model
+
+    def all_finite(self, model: nn.Module) -> bool:
+        """Whether every parameter this rank holds is finite (no collective)."""
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+    def memory_bytes(self, model: nn.Module, optimizer) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state (momentum) this process holds now,
+        counted from its own tensors (a shard's local part, not the whole it stands for)."""
+        params = [local_part(p) for p in model.parameters()]
+        grads = [local_part(p.grad) for p in model.parameters() if p.grad is not None]
+        state = [local_part(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return {
+            "param_bytes": sum(t.numel() * t.element_size() for t in params),
+            "grad_bytes": sum(t.numel() * t.element_size() for t in grads),
+            "optimizer_bytes": sum(t.numel() * t.element_size() for t in state if t.dim() > 0),
+        }
 
     # -- reference-shaped tensors ------------------------------------------------------
     def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -212,6 +239,10 @@ class Placement:
 class ReplicatedPlacement(Placement):
     """``ddp``: the whole model on every process, gradients all-reduced over all of them."""
 
+    @property
+    def uses_ddp(self) -> bool:
+        return True
+
     def wrap(self, model: nn.Module, accelerator) -> nn.Module:
         self._count_ddp_bytes(list(model.parameters()))
         return accelerator.prepare_model(model)  # DDP options: make_accelerator's DistributedDataParallelKwargs
@@ -223,6 +254,10 @@ class TowerPlacement(Placement):
     processes than towers, each tower is DDP-averaged with its own replicas only."""
 
     exchange_key: ClassVar[str | None] = "tower_bytes_per_step"
+
+    @property
+    def uses_ddp(self) -> bool:
+        return self.mesh.replicas > 1
 
     def local_model(self, reference: AlexNet) -> nn.Module:
         model = TowerAlexNet(self.spec, self.tower, self.tower_group, self.exchange_stats)
@@ -251,6 +286,10 @@ class HybridPlacement(Placement):
     """``hybrid`` (Krizhevsky 2014): conv1..conv5 data-parallel, fc6..fc8 split by units."""
 
     exchange_key: ClassVar[str | None] = "hybrid_bytes_per_step"
+
+    @property
+    def uses_ddp(self) -> bool:
+        return True
 
     def local_model(self, reference: AlexNet) -> nn.Module:
         model = hybrid.HybridAlexNet(self.spec, self.rank, self.mesh.fc_shards, self.shard_group, self.exchange_stats)
@@ -294,6 +333,10 @@ class PipelinePlacement(Placement):
     _stage: pipeline.InstrumentedStage | None = None
     _schedule: object = None
     _scaler: object = None
+
+    @property
+    def uses_ddp(self) -> bool:
+        return self.mesh.replicas > 1
 
     @property
     def stage(self) -> int:
@@ -419,10 +462,82 @@ def _boundary_dtype(mixed_precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
+@dataclass
+class ShardedPlacement(Placement):
+    """``fsdp``: fully sharded data parallelism (FSDP2's ``fully_shard``).  Every process holds
+    1/W of every parameter, its gradient and its momentum; each unit (a conv or fc layer, or
+    the whole network) is all-gathered just before it runs and its gradient reduce-scattered
+    (averaged) back to the shards.  Data parallel otherwise: each process its rows."""
+
+    exchange_key: ClassVar[str | None] = "fsdp_bytes_per_step"
+    # FSDP2 keeps each shard as a flat view of contiguous storage: channels_last weights
+    # would not be that (the input and activations still are channels_last).
+    channels_last_weights: ClassVar[bool] = False
+    unit: str = "layer"
+    reshard_after_forward: bool = True
+    param_dtype: torch.dtype | None = None  # bf16 runs: gathered weights in bf16, gradients reduced in fp32
+    _mesh: object = None
+
+    def local_model(self, reference: AlexNet) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # A one-dimensional mesh over every process: its group is the default (world) group.
+        self._mesh = init_device_mesh(self.device.type, (self.mesh.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
+        units = fsdp_units(reference, self.unit)
+        for module in units:
+            if module is not reference:
+                fully_shard(module, mesh=self._mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
+        fully_shard(reference, mesh=self._mesh, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
+        shapes = [[tuple(p.shape) for p in m.parameters()] for m in units]
+        per_step = fsdp_bytes_per_step(shapes, self.mesh.world_size, self.reshard_after_forward)
+        self._comm[self.exchange_key] = sum(per_step.values())
+        return reference
+
+    def full_tensors(self, tensors):
+        """The whole tensors (a collective: every shard all-gathered)."""
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in tensors.items()}
+
+    def local_tensors(self, reference):
+        """Sharded like the model's parameters (dim 0 over the mesh), from whole tensors every
+        rank holds (no communication: each rank keeps its own part)."""
+        return {
+            k: distribute_tensor(v.detach(), self._mesh, [Shard(0)], src_data_rank=None) for k, v in reference.items()
+        }
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """The plain reference model with every shard gathered (a collective), so evaluation is
+        data parallelism over any number of rows per rank (FSDP's forward would need the same
+        number of batches on every rank)."""
+        tensors = self.full_tensors(dict(model.state_dict()))
+        with torch.device("meta"):
+            reference = AlexNet(self.spec)
+        reference.load_state_dict(tensors, assign=True)
+        return reference.train(model.training)
+
+    def all_finite(self, model: nn.Module) -> bool:
+        return all(bool(torch.isfinite(local_part(p)).all()) for p in model.parameters())
+
+
+def fsdp_units(model: AlexNet, unit: str) -> list[nn.Module]:
+    """The modules fully_shard wraps, each gathered as one: every layer with parameters, or the network."""
+    if unit == "network":
+        return [model]
+    return [m for m in model.children() if any(True for _ in m.parameters(recurse=False))]
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this process stores (a DTensor's local shard, else ``t``)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def placement_for(split_mode: str, mesh: Mesh, rank: int, device: torch.device, spec: AlexNetSpec, **groups):
     """The placement object of a planned mesh: the one place that branches on the layout."""
     if mesh.stages > 1:
         cls = PipelinePlacement
+    elif mesh.param_shards > 1:
+        cls = ShardedPlacement
     elif mesh.tower_ranks > 1:
         cls = TowerPlacement
     elif mesh.fc_shards > 1:
@@ -435,7 +550,14 @@ def placement_for(split_mode: str, mesh: Mesh, rank: int, device: torch.device, 
 
 
 def make_placement(
-    split_mode: str, spec: AlexNetSpec, global_batch: int, ddp: DDPOptions, timeout, accelerator, pipeline_cfg=None
+    split_mode: str,
+    spec: AlexNetSpec,
+    global_batch: int,
+    ddp: DDPOptions,
+    timeout,
+    accelerator,
+    pipeline_cfg=None,
+    fsdp: FSDPConfig | None = None,
 ):
     """Plan and validate the mesh for the launched processes, create its process groups
     (every group with ``timeout``) and return this rank's placement.  ``pipeline_cfg``: the
@@ -461,6 +583,9 @@ def make_placement(
         split_mode, mesh, accelerator.process_index, accelerator.device, spec, global_batch=global_batch
     )
     placement.ddp = ddp
+    if isinstance(placement, ShardedPlacement) and fsdp is not None:
+        placement.unit, placement.reshard_after_forward = fsdp.unit, fsdp.reshard_after_forward
+        placement.param_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
     placement.notices.extend(_notices(split_mode, mesh, spec, ddp, accelerator.device))
     inner_group, placement.replica_group = process_groups(mesh, timeout)
     if mesh.stages > 1:
@@ -485,7 +610,7 @@ def _notices(split_mode: str, mesh: Mesh, spec: AlexNetSpec, ddp: DDPOptions, de
             f"model-parallel with 1 process: single-device fallback, all {spec.towers} towers "
             f"as grouped convolutions on {device}"
         )
-    elif mesh.world_size == 1 and split_mode in ("hybrid", "pipeline"):
+    elif mesh.world_size == 1 and split_mode in ("hybrid", "pipeline", "fsdp"):
         out.append(f"{split_mode} with 1 process: single-device fallback, the whole model on {device}")
     elif split_mode == "pipeline" and mesh.stages == 1:
         out.append(f"pipeline with 1 stage: data parallelism over {mesh.replicas} replicas (as ddp)")

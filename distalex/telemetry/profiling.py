@@ -109,6 +109,8 @@ def _own_category(event, seq_category: dict, ddp: bool) -> str | None:
         return name[len("compute:") :]
     if name.startswith(("comm:", "data:")):
         return name if name.startswith("comm:") else "data"
+    if name.startswith("FSDP::"):  # FSDP2's own labels: its all-gathers, reduce-scatters and their copies
+        return "comm:fsdp"
     if name.startswith("Optimizer."):
         return "optimizer"
     if name == "aten::cross_entropy_loss":
@@ -310,7 +312,7 @@ class StepProfiler:
         steps = [e for e in step_events(self.prof) if int(e.name[len(STEP) :]) < self.recorded]
         device_time = self.placement.device.type == "cuda"
         ops: dict = {}
-        totals = classify(steps, ddp=self.placement.mesh.replicas > 1, device_time=device_time, ops=ops)
+        totals = classify(steps, ddp=self.placement.uses_ddp, device_time=device_time, ops=ops)
         n = max(len(steps), 1)
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:TOP_OPS]
         mine = {

@@ -41,6 +41,7 @@ class RunLog:
         self.curves_path = self.dir / "curves.png"
         self._plot_warned = False
         self.tracker = WandbTracker(self.dir, accelerator, self.metrics_path)
+        self._latest: dict = {}  # the newest value of every key logged (or found on resume)
 
     @property
     def wandb_on(self) -> bool:
@@ -71,16 +72,23 @@ class RunLog:
                 rows.insert(at, row)
         if rows or self.metrics_path.exists():
             write_jsonl(self.metrics_path, rows)
+        for r in rows:
+            self._latest.update(r)
 
     def log(self, row: dict) -> None:
         if not self.is_main:
             return
         row = _clean(row)
+        self._latest.update(row)
         self.dir.mkdir(parents=True, exist_ok=True)
         append_jsonl(self.metrics_path, row)
         self.tracker.log(row)
         if self.plots and "test_acc" in row:
             self.write_curves()
+
+    def latest(self, keys) -> dict:
+        """The newest logged value of each of ``keys`` that was logged (main process only)."""
+        return {k: self._latest[k] for k in keys if k in self._latest}
 
     def write_curves(self) -> None:
         """(Re)draw curves.png from the whole metrics.jsonl (so a resumed run's

@@ -82,7 +82,7 @@ def build_run(cfg) -> Run:
         project_dir=cfg.train.output_dir,
     )
     placement = make_placement(
-        cfg.split_mode, spec, cfg.train.batch_size, ddp, timeout, accelerator, pipeline_cfg=cfg.pipeline
+        cfg.split_mode, spec, cfg.train.batch_size, ddp, timeout, accelerator, pipeline_cfg=cfg.pipeline, fsdp=cfg.fsdp
     )
     if cfg.train.reuse_host_memory and placement.device.type == "cpu":
         keep_freed_memory()
@@ -178,9 +178,7 @@ def load_data(cfg, placement, warn) -> DataBundle:
 
 def fresh_state(placement, accelerator, init: str, o: OptimConfig, train: TrainConfig) -> TrainingState:
     """Step 0: the placed model at its initial weights, SGD as configured, a new schedule and meter."""
-    model = placement.build_model(init, train.seed)
-    if train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = placement.build_model(init, train.seed, channels_last=train.channels_last)
     sgd = torch.optim.SGD(
         model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=o.foreach
     )

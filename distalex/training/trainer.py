@@ -28,6 +28,8 @@ from distalex.training.build import Run, build_run, progress_bar
 from distalex.training.evaluate import evaluate_accuracy
 from distalex.training.state import Position
 
+MEMORY_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes")
+
 
 class Trainer:
     """The loop over a built :class:`~distalex.training.build.Run`: step, log, evaluate,
@@ -39,6 +41,7 @@ class Trainer:
         self.accelerator, self.placement, self.state = run.accelerator, run.placement, run.state
         self.data, self.log, self.profiler = run.data, run.log, run.profiler
         self.max_steps, self.steps_per_epoch = run.max_steps, run.steps_per_epoch
+        self.memory: dict = {}  # bytes this process held at the newest logged step (MEMORY_KEYS)
 
     def close(self) -> None:
         """Give the output dir back (see :meth:`Run.close`)."""
@@ -98,6 +101,8 @@ class Trainer:
             self.run.model, x, y, self.state.position.step, self.accelerator.autocast, self.accelerator.backward
         )
         precision.optimizer_step(self.state.optimizer, self.state.scaler)  # fp16: one skip decision for all ranks
+        if (self.state.position.step + 1) % self.cfg.train.log_every == 0:  # a logged step: its gradients still held
+            self.memory = self.placement.memory_bytes(self.state.model, self.state.optimizer)
         self.state.optimizer.zero_grad(set_to_none=True)
         self.state.meter.update(loss, logits, y, self.state.position.step + 1)
 
@@ -112,6 +117,7 @@ class Trainer:
             "lr": self.state.schedule.lr,
             **self._speed(self.state.meter.examples_per_sec()),
             **self.placement.comm_bytes_per_step(interval.steps),
+            **self.memory,
         }
         if self.placement.device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.placement.device)
@@ -162,8 +168,7 @@ class Trainer:
     def save(self):
         """Checkpoint (a collective); never one with non-finite weights."""
         self.check_finite()
-        finite = all(bool(torch.isfinite(p).all()) for p in self.state.model.parameters())
-        if self.placement.any_rank(not finite):
+        if self.placement.any_rank(not self.placement.all_finite(self.state.model)):
             raise NonFiniteLoss(
                 f"parameters are not finite after step {self.state.position.step}; stopping. "
                 f"{checkpoint.kept(self.cfg.train.output_dir)}"
@@ -200,6 +205,8 @@ class Trainer:
                 "epochs": self._epoch_float(),
                 "experiment": self.cfg.experiment,
                 **self.placement.comm_summary(),
+                # The newest logged step's (a run resumed after its last step finds them in its records).
+                **(self.memory or self.log.latest(MEMORY_KEYS)),
             }
         )
         self.log.finish(summary)

@@ -43,6 +43,8 @@ def runs(tmp_path_factory):
         "mp4": (4, ["--split-mode", "model-parallel"]),
         "hybrid2": SPLIT_MODES["hybrid"],
         "hybrid4_t2": (4, ["--split-mode", "hybrid", "model.towers=2"]),
+        "fsdp2": SPLIT_MODES["fsdp"],
+        "fsdp4_t2": (4, ["--split-mode", "fsdp", "model.towers=2"]),
     }
     return {name: shared_run(tmp_path_factory, *SAME, *args, nprocs=nprocs) for name, (nprocs, args) in plan.items()}
 
@@ -97,6 +99,34 @@ def test_hybrid_follows_single(runs):
         assert conv + expected < ddp_bytes_per_step(count_parameters(AlexNet(spec)), world)  # fewer than ddp
 
 
+def test_fsdp_follows_single(runs):
+    """Fully sharded: the same trajectory as single (towers=1 at W=2, towers=2 at W=4)."""
+    assert_same_losses(runs["single"], runs["fsdp2"])
+    assert_same_losses(runs["single_t2"], runs["fsdp4_t2"])
+    s = summary(runs["fsdp4_t2"])
+    assert (s["split_mode"], s["world_size"], s["replicas"], s["towers"]) == ("fsdp", 4, 4, 2)
+    rows = [r for r in metrics(runs["fsdp2"]) if "fsdp_bytes_per_step" in r]
+    assert len(rows) == STEPS and all(r["fsdp_bytes_per_step"] > 0 and "ddp_bytes_per_step" not in r for r in rows)
+
+
+def test_fsdp_holds_a_wth_of_what_ddp_holds(runs):
+    """Parameters, gradients and momentum per process, as each process counted its own tensors at
+    every logged step: fsdp at W processes holds 1/W of ddp's (up to dim-0 padding), ddp all of
+    single's, and the summary carries the same figures."""
+    keys = ("param_bytes", "grad_bytes", "optimizer_bytes")
+
+    def held(run):
+        rows = [r for r in metrics(run) if "train_acc" not in r]
+        assert len(rows) == STEPS and all(all(r[k] > 0 for k in keys) for r in rows)
+        assert {tuple(r[k] for k in keys) for r in rows} == {tuple(summary(run)[k] for k in keys)}
+        return sum(summary(run)[k] for k in keys)
+
+    single, ddp = held(runs["single"]), held(runs["ddp2"])
+    assert ddp == single  # every replica holds the whole model
+    for run, world, whole in (("fsdp2", 2, single), ("fsdp4_t2", 4, held(runs["single_t2"]))):
+        assert whole / world <= held(runs[run]) <= whole / world * 1.05, run
+
+
 def test_parameters_after_training_match_single(runs):
     """The weights themselves (not only the losses) agree after STEPS optimizer steps."""
     pairs = (
@@ -105,6 +135,8 @@ def test_parameters_after_training_match_single(runs):
         ("single_t2", "mp4"),
         ("single", "hybrid2"),
         ("single_t2", "hybrid4_t2"),
+        ("single", "fsdp2"),
+        ("single_t2", "fsdp4_t2"),
     )
     for a, b in pairs:
         wa, wb = read(latest_checkpoint(runs[a]))["model"], read(latest_checkpoint(runs[b]))["model"]
@@ -113,12 +145,13 @@ def test_parameters_after_training_match_single(runs):
 
 
 def test_checkpoints_round_trip_across_placements(runs, tmp_path):
-    """mp -> single -> ddp -> hybrid -> mp: the weights come back bitwise, predictions identical."""
+    """mp -> single -> ddp -> hybrid -> fsdp -> mp: the weights come back bitwise, predictions identical."""
     start = latest_checkpoint(runs["mp2"])
     hops = [
         (1, ["--split-mode", "single", "model.towers=2"]),
         (2, ["--split-mode", "ddp", "model.towers=2"]),
         (2, ["--split-mode", "hybrid", "model.towers=2"]),
+        (2, ["--split-mode", "fsdp", "model.towers=2"]),
         (2, ["--split-mode", "model-parallel"]),
     ]
     ckpt, accs = start, [summary(runs["mp2"])["test_acc"]]

@@ -64,6 +64,8 @@ def test_profile_is_written_for_every_process(runs, mode):
         assert (ms.get("comm:hybrid", 0) > 0) == (mode == "hybrid"), ms
         # DDP's all-reduce: of every parameter in ddp, of the replicated convolutions in hybrid.
         assert (ms.get("comm:ddp", 0) > 0) == (mode in ("ddp", "hybrid")), ms
+        # FSDP's all-gathers and reduce-scatters (FSDP2's own labels).
+        assert (ms.get("comm:fsdp", 0) > 0) == (mode == "fsdp"), ms
     traces = ["trace.json"] + [f"trace_rank{r}.json" for r in range(1, nprocs)]
     for name in traces:
         events = json.loads((prof / name).read_text())["traceEvents"]
