@@ -7,8 +7,9 @@ projected scaling table built from them.
 Table 1 (arithmetic from the layer shapes, fp32, ring accounting - the same
 figures the exchanges count as they run, which the tests compare): for W = 2,
 4, 8, 16 processes, ddp (W replicas), model-parallel (2 towers x W/2
-replicas: the two-tower network) and hybrid (W fc shards, the experiment's
-network).
+replicas: the two-tower network), hybrid (W fc shards, the experiment's
+network), pipeline (2 stages x W/2 replicas) and fsdp (W shards, one unit per layer).
+A memory table follows: what each process holds of parameters, gradients and momentum.
 
 Table 2 is a MODEL, not a measurement:
 
@@ -38,11 +39,14 @@ from distalex.model.flops import layer_counts
 from distalex.parallel import hybrid
 from distalex.parallel.comm import (
     ddp_bytes_per_step,
+    fsdp_bytes_per_step,
+    fsdp_shard_elements,
     hybrid_bytes_per_step,
     pipeline_bytes_per_step,
     tower_bytes_per_step,
 )
 from distalex.parallel.pipeline import cut_stages, reference_children, stage_layers
+from distalex.parallel.placement import fsdp_units
 
 WORLD_SIZES = (2, 4, 8, 16)
 # One direction, per process.  NVLink 4 (H100 SXM): 900 GB/s both directions;
@@ -70,7 +74,48 @@ def bytes_table(cfg) -> list[dict]:
             conv = ddp_bytes_per_step(hybrid.replicated_parameters(base), world)
             rows.append(_row("hybrid", world, f"{world} shards", exchange, conv))
         rows.append(_pipeline_row(base, world, batch))
+        rows.append(_fsdp_row(base, world))
     return rows
+
+
+def _fsdp_row(spec, world: int) -> dict:
+    """W shards, one unit per layer, parameters freed after the forward (the defaults)."""
+    shapes = [[tuple(p.shape) for p in u.parameters()] for u in fsdp_units(AlexNet(spec), "layer")]
+    return _row("fsdp", world, f"{world} shards", sum(fsdp_bytes_per_step(shapes, world, True).values()), 0)
+
+
+def memory_table(cfg) -> list[dict]:
+    """Bytes of parameters (= gradients = SGD momentum, all fp32) each process holds, per split
+    mode at W = 2, 4, 8: the largest process's, from the tensors each placement builds
+    (the figures a run logs as param_bytes, grad_bytes, optimizer_bytes)."""
+    base = spec_from_config(cfg)
+    two_towers = dataclasses.replace(base, towers=2)
+    whole = count_parameters(AlexNet(base))
+    params = dict(AlexNet(base).named_parameters())
+    out = []
+    for world in WORLD_SIZES[:3]:
+        tower_params = dict(AlexNet(two_towers).named_parameters())
+        tower = sum(p.numel() // 2 if n != "fc8.bias" else p.numel() for n, p in tower_params.items())
+        held = {"single": whole, "ddp": whole, "model-parallel": tower}
+        if base.fc_units % world == 0:
+            held["hybrid"] = sum(
+                p.numel() if hybrid.is_replicated(n) else p.numel() // world for n, p in params.items()
+            )
+        cuts = cut_stages([(c.name, c.macs) for c in layer_counts(base)], 2, None)
+        held["pipeline"] = max(
+            sum(
+                p.numel()
+                for n, p in params.items()
+                if n.split(".")[0] in stage_layers(reference_children(base), cuts, k)
+            )
+            for k in range(2)
+        )
+        held["fsdp"] = sum(fsdp_shard_elements(tuple(p.shape), world) for p in params.values())
+        for mode, n in held.items():
+            out.append(
+                {"split_mode": mode, "world_size": world, "param_bytes": 4 * n, "param_grad_momentum_bytes": 12 * n}
+            )
+    return out
 
 
 def _pipeline_row(spec, world: int, batch: int, stages: int = 2) -> dict:
@@ -159,6 +204,16 @@ def main(argv=None):
             f"{r['split_mode']:<15}{r['world_size']:>3}{r['layout']:>11}{r['exchange_bytes'] / 1e6:>11.1f}"
             f"{r['ddp_allreduce_bytes'] / 1e6:>16.1f}{r['total_bytes'] / 1e6:>9.1f}"
         )
+    memory = memory_table(cfg)
+    print("\nMB held per process (the largest): parameters + gradients + SGD momentum, fp32")
+    modes = list(dict.fromkeys(r["split_mode"] for r in memory))
+    print(f"{'W':>3}" + "".join(f"{m:>16}" for m in modes))
+    for world in WORLD_SIZES[:3]:
+        cells = {r["split_mode"]: r for r in memory if r["world_size"] == world}
+        line = f"{world:>3}"
+        for m in modes:
+            line += f"{cells[m]['param_grad_momentum_bytes'] / 1e6:>16.1f}" if m in cells else f"{'-':>16}"
+        print(line)
     t1, source = single_step_time(args, batch)
     scaling = scaling_table(rows, t1)
     print(
@@ -178,7 +233,15 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
-                {"bytes": rows, "step_time_1_s": t1, "step_time_source": source, "projected": scaling}, fh, indent=2
+                {
+                    "bytes": rows,
+                    "memory": memory,
+                    "step_time_1_s": t1,
+                    "step_time_source": source,
+                    "projected": scaling,
+                },
+                fh,
+                indent=2,
             )
 
 

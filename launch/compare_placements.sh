@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Run ONE experiment in every placement -- single, ddp, model-parallel, hybrid, pipeline -- and
+# Run ONE experiment in every placement -- single, ddp, model-parallel, hybrid, pipeline, fsdp -- and
 # compare them (launch/compare.py): the side-by-side users otherwise assemble
 # by hand in wandb.
 #
 #   launch/compare_placements.sh [-n NPROCS] [-o OUT_DIR] [--config PATH] [key=value ...]
 #
-#   -n NPROCS   processes for ddp, model-parallel, hybrid, pipeline (default: the number of
+#   -n NPROCS   processes for ddp, model-parallel, hybrid, pipeline, fsdp (default: the number of
 #               CUDA devices when there are 2 or more, 1 with one GPU, 2 on a
 #               CPU-only machine, where accelerate starts that many gloo ranks)
 #   -o OUT_DIR  runs go to OUT_DIR/single, OUT_DIR/ddp, OUT_DIR/model-parallel,
-#               OUT_DIR/hybrid, OUT_DIR/pipeline, the comparison to OUT_DIR/comparison.{png,json}.  Default: the
+#               OUT_DIR/hybrid, OUT_DIR/pipeline, OUT_DIR/fsdp, the comparison to OUT_DIR/comparison.{png,json}.  Default: the
 #               train.output_dir override if given, else runs/compare-<config name>.
 #   --config, key=value: passed to every run unchanged (e.g. train.max_steps=50,
 #               model.towers=2 to compare two-tower nets everywhere; model-parallel
@@ -90,8 +90,8 @@ run_mode() {  # mode nprocs
 
 status=0
 dirs=()
-[ "$nprocs" -eq 1 ] && echo "compare_placements: one device: ddp runs 1 replica, model-parallel, hybrid and pipeline fall back to one device" >&2
-for mode in single ddp model-parallel hybrid pipeline; do
+[ "$nprocs" -eq 1 ] && echo "compare_placements: one device: ddp runs 1 replica, model-parallel, hybrid, pipeline and fsdp fall back to one device" >&2
+for mode in single ddp model-parallel hybrid pipeline fsdp; do
     n="$nprocs"
     [ "$mode" = single ] && n=1
     if run_mode "$mode" "$n"; then

@@ -39,8 +39,8 @@ def test_bad_config_values(tmp_path, override, needles):
 
 def test_missing_config_file_and_bad_split_mode(tmp_path):
     assert_bad_input(run_cli("--config", str(tmp_path / "nope.yaml"), check=False), "nope.yaml", "does not exist")
-    proc = run_cli("--split-mode", "pipeline", check=False)
-    assert proc.returncode == 2 and "pipeline" in proc.stderr
+    proc = run_cli("--split-mode", "tensor-parallel", check=False)  # not a split mode distalex has
+    assert proc.returncode == 2 and "tensor-parallel" in proc.stderr
 
 
 def test_batch_not_divisible_by_replicas(tmp_path):

@@ -14,7 +14,10 @@ from helpers import EVALUATE, PREDICT, TINY, latest_checkpoint, metrics, png_siz
 def test_tiny_config_learns_fashion_mnist(tmp_path):
     run_cli("--config", TINY, "tracking.wandb=false", "train.progress=false", f"train.output_dir={tmp_path}")
     s = summary(tmp_path)
-    assert s["test_acc"] >= 0.75, s
+    # Six times chance.  Three epochs of this config spread widely from seed to seed: 0.71-0.81
+    # over 13 seeds with either dropout RNG (bf16, Intel Xeon), 0.64 for seed 0 in fp32, and now
+    # and then a run that never leaves the initial plateau (docs/testing.md, "The tiny config").
+    assert s["test_acc"] >= 0.6, s
     assert s["split_mode"] == "single" and s["world_size"] == 1 and s["towers"] == 1
     assert s["examples_per_sec"] > 0 and s["wall_time_s"] > 0
     epochs = [r for r in metrics(tmp_path) if "train_acc" in r]

@@ -278,7 +278,7 @@ AUDIT = textwrap.dedent('''
 
 
 def test_placements_script_and_only_main_process_writes(tmp_path):
-    """compare_placements.sh (single, then ddp, model-parallel, hybrid and pipeline on 2 gloo ranks,
+    """compare_placements.sh (single, then ddp, model-parallel, hybrid, pipeline and fsdp on 2 gloo ranks,
     then compare) with wandb offline: one wandb run per placement, and rank 1
     writes no curves, comparison, metrics or wandb files."""
     hook, audit, cwd, out = tmp_path / "hook", tmp_path / "audit", tmp_path / "cwd", tmp_path / "cmp"
@@ -303,16 +303,24 @@ def test_placements_script_and_only_main_process_writes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert list(cwd.iterdir()) == []
 
-    summaries = {m: summary(out / m) for m in ("single", "ddp", "model-parallel", "hybrid", "pipeline")}
+    summaries = {m: summary(out / m) for m in ("single", "ddp", "model-parallel", "hybrid", "pipeline", "fsdp")}
     assert [(s["split_mode"], s["world_size"], s["towers"]) for s in summaries.values()] == [
         ("single", 1, 1),
         ("ddp", 2, 1),
         ("model-parallel", 2, 2),
         ("hybrid", 2, 1),
         ("pipeline", 2, 1),
+        ("fsdp", 2, 1),
     ]
     report = json.loads((out / "comparison.json").read_text())
-    assert [r["split_mode"] for r in report["runs"]] == ["single", "ddp", "model-parallel", "hybrid", "pipeline"]
+    assert [r["split_mode"] for r in report["runs"]] == [
+        "single",
+        "ddp",
+        "model-parallel",
+        "hybrid",
+        "pipeline",
+        "fsdp",
+    ]
     assert [r["examples_per_sec"] for r in report["runs"]] == [s["examples_per_sec"] for s in summaries.values()]
     png_ok(out / "comparison.png")
     for mode in summaries:
