@@ -32,3 +32,19 @@ def test_launch_configs_are_accelerate_configs(path):
     assert cfg.num_processes == yaml.safe_load(path.read_text())["num_processes"]
     assert cfg.num_processes >= cfg.num_machines >= 1
     assert "--split-mode" in path.read_text()  # each says which split mode it is for
+
+
+def test_every_mutant_still_applies():
+    """scripts/mutants.py patches the code by exact text: a refactor that moves the code must move
+    the patch too (each text once in its file, each test selection's files there)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mutants", ROOT / "scripts" / "mutants.py")
+    mutants = importlib.util.module_from_spec(spec)
+    sys.modules["mutants"] = mutants
+    spec.loader.exec_module(mutants)
+    for m in mutants.MUTANTS:
+        assert (ROOT / m.file).read_text().count(m.old) == 1, (m.name, m.file)
+        for test in [*m.tests, *mutants.ORACLES]:
+            assert (ROOT / test.split("::")[0]).exists(), (m.name, test)
