@@ -20,9 +20,11 @@ accuracy on the first ``test_limit`` test images; plain SGD lr 0.01 as d2l.
                  split by units (Krizhevsky 2014; same network as (b) and (c))
   (g) mp-nchw    (d) with train.channels_last=false: (d)/(g) is what channels_last buys
                  model-parallel now that the tower exchanges keep the layout
+  (h) pipeline   distalex, 2 processes, pipeline: 2 stages cut by FLOPs, 4 micro-batches, 1F1B
+  (i) fsdp       distalex, 2 processes, fully sharded (FSDP2, one unit per layer)
 
 At equal total cores: a one-process row gets all cores as threads, each of the two
-processes of (c)/(d)/(f) gets half of them (OMP_NUM_THREADS).  Figures per row:
+processes of (c)/(d)/(f)/(h)/(i) gets half of them (OMP_NUM_THREADS).  Figures per row:
 
   train      training examples/sec over the training steps only, as d2l counts them
              (distalex: its summary.json; baseline: d2l's Timer), first step included
@@ -338,7 +340,16 @@ def run_distalex(
             "step_times_s": r["step_times_s"],
         }
     )
-    for k in ("tower_bytes_per_step", "hybrid_bytes_per_step", "ddp_bytes_per_step"):
+    for k in (
+        "tower_bytes_per_step",
+        "hybrid_bytes_per_step",
+        "pipeline_bytes_per_step",
+        "fsdp_bytes_per_step",
+        "ddp_bytes_per_step",
+        "param_bytes",
+        "grad_bytes",
+        "optimizer_bytes",
+    ):
         if k in s:
             row[k] = s[k]
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of the full net are ~190 MB
@@ -504,6 +515,8 @@ def bench(args, sched, work) -> dict:
         ("e", ("single, model.towers=2", "single", 1, ["model.towers=2"] + extra)),
         ("f", ("hybrid, 2 processes", "hybrid", 2, extra)),
         ("g", ("model-parallel, 2 processes, NCHW", "model-parallel", 2, extra + ["train.channels_last=false"])),
+        ("h", ("pipeline, 2 stages, 4 micro-batches, 1F1B", "pipeline", 2, extra)),
+        ("i", ("fsdp, 2 processes", "fsdp", 2, extra)),
     ]
     if args.ddp_hooks:
         specs += [(name, (f"ddp, 2 processes, {' '.join(ov)}", "ddp", 2, ov + extra)) for name, ov in HOOKS]
@@ -552,6 +565,8 @@ def bench(args, sched, work) -> dict:
         "model-parallel train >= 0.9x single towers=2": ratios["d"]["train/e"],
         "hybrid train >= ddp train at equal cores (f / c)": ratio(rows, "f", "c", "train"),
         "hybrid train >= 0.9x single (f / b)": ratios["f"]["train/b"],
+        "pipeline train / single (h / b)": ratios["h"]["train/b"],
+        "fsdp train / ddp train at equal cores (i / c)": ratio(rows, "i", "c", "train"),
         # channels_last kept across the tower exchanges: what the layout buys model-parallel
         "model-parallel channels_last / NCHW (train)": ratio(rows, "d", "g", "train"),
         "model-parallel channels_last / NCHW (steady)": ratio(rows, "d", "g", "steady"),
