@@ -47,6 +47,7 @@ SPLIT_MODES = {
     "ddp": (2, ["--split-mode", "ddp"]),
     "model-parallel": (2, ["--split-mode", "model-parallel"]),
     "hybrid": (2, ["--split-mode", "hybrid"]),
+    "pipeline": (2, ["--split-mode", "pipeline"]),
     "fsdp": (2, ["--split-mode", "fsdp"]),
 }
 

@@ -55,10 +55,17 @@ def test_profile_is_written_for_every_process(runs, mode):
     nprocs = SPLIT_MODES[mode][0]
     s = json.loads((prof / "summary.json").read_text())
     assert s["steps"] == PROFILED and [r["rank"] for r in s["ranks"]] == list(range(nprocs))
+    # Every process runs every layer, except pipeline's, each of which runs its stage's.
+    each = ("optimizer",) if mode == "pipeline" else ("conv2", "fc6", "data", "optimizer")
+    seen = set()
     for r in s["ranks"]:
         ms = r["ms_per_step"]
         assert sum(ms.values()) == pytest.approx(r["step_ms"], rel=1e-3)
-        assert all(ms.get(g, 0) > 0 for g in ("conv2", "fc6", "data", "optimizer")), ms
+        assert all(ms.get(g, 0) > 0 for g in each), ms
+        seen |= {g for g, v in ms.items() if v > 0}
+    assert {"conv2", "fc6", "data", "optimizer"} <= seen
+    for r in s["ranks"]:
+        ms = r["ms_per_step"]
         # Communication shows where the placement has it, and only there.
         assert (ms.get("comm:tower", 0) > 0) == (mode == "model-parallel"), ms
         assert (ms.get("comm:hybrid", 0) > 0) == (mode == "hybrid"), ms
@@ -66,6 +73,8 @@ def test_profile_is_written_for_every_process(runs, mode):
         assert (ms.get("comm:ddp", 0) > 0) == (mode in ("ddp", "hybrid")), ms
         # FSDP's all-gathers and reduce-scatters (FSDP2's own labels).
         assert (ms.get("comm:fsdp", 0) > 0) == (mode == "fsdp"), ms
+        # The stage boundaries' sends and receives, and the step figures' broadcast.
+        assert (ms.get("comm:pipeline", 0) > 0) == (mode == "pipeline"), ms
     traces = ["trace.json"] + [f"trace_rank{r}.json" for r in range(1, nprocs)]
     for name in traces:
         events = json.loads((prof / name).read_text())["traceEvents"]
