@@ -108,7 +108,8 @@ class Placement:
         return model
 
     def local_model(self, reference: AlexNet) -> nn.Module:
-        """What this rank holds of the initialised ``reference``."""
+        """What this rank holds of the initialised ``reference`` (already on this rank's
+        device), on the same device."""
         return reference
 
     def wrap(self, model: nn.Module, accelerator) -> nn.Module:
@@ -260,7 +261,7 @@ class TowerPlacement(Placement):
         return self.mesh.replicas > 1
 
     def local_model(self, reference: AlexNet) -> nn.Module:
-        model = TowerAlexNet(self.spec, self.tower, self.tower_group, self.exchange_stats)
+        model = TowerAlexNet(self.spec, self.tower, self.tower_group, self.exchange_stats).to(self.device)
         model.load_state_dict(self.local_tensors(reference.state_dict()))
         return model
 
@@ -293,6 +294,7 @@ class HybridPlacement(Placement):
 
     def local_model(self, reference: AlexNet) -> nn.Module:
         model = hybrid.HybridAlexNet(self.spec, self.rank, self.mesh.fc_shards, self.shard_group, self.exchange_stats)
+        model = model.to(self.device)
         model.load_state_dict(self.local_tensors(reference.state_dict()))
         return model
 

@@ -1,9 +1,9 @@
 """The training loop: step, evaluate, log, checkpoint.  Helpers do the work.
 
-The placement (distalex/parallel/placement.py) decides where every tensor lives and
-runs forward and backward; the loop is the same for every split mode.  Figures that need a host sync (loss, accuracy, NaN
-checks) are accumulated on the device and read only at log intervals, epoch
-ends and checkpoints.
+The placement (distalex/parallel/placement.py) decides where every tensor lives
+and runs forward and backward; the loop is the same for every split mode.
+Figures that need a host sync (loss, accuracy, NaN checks) are accumulated on
+the device and read only at log intervals, epoch ends and checkpoints.
 
 A batch flows: data loader (this replica's slice of the global batch, on the
 device) -> the placed model (towers exchange inside its forward/backward, DDP

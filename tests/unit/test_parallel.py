@@ -80,3 +80,18 @@ def test_every_group_gets_the_timeout(monkeypatch):
     timeout = timedelta(seconds=17)
     process_groups(Mesh(4, 2, 2), timeout)
     assert calls == [([[0, 1], [2, 3]], timeout), ([[0, 2], [1, 3]], timeout)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "mesh"),
+    [("single", Mesh(1, 1, 1)), ("model-parallel", Mesh(2, 1, 2)), ("hybrid", Mesh(2, 2, 1, fc_shards=2))],
+)
+def test_the_built_model_lives_on_the_placements_device(mode, mesh):
+    """Every placement's module is on its rank's device (a GPU run must not leave a tower or an
+    fc shard on the CPU); the meta device stands in for a GPU here."""
+    from distalex.parallel.placement import placement_for
+
+    spec = AlexNetSpec(width=0.125, image_size=67, towers=2 if mode == "model-parallel" else 1)
+    placement = placement_for(mode, mesh, 1, torch.device("meta"), spec)
+    model = placement.build_model("xavier", seed=0)
+    assert {p.device.type for p in model.parameters()} == {"meta"}, type(placement).__name__
