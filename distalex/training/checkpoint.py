@@ -202,6 +202,7 @@ def resolve(resume: str | None, output_dir: str, warn=print) -> tuple[Path | Non
         for p, why in foreign
         if int(NAME.match(p.name).group(1)) > int(NAME.match(found[-1].name).group(1))
     ]  # the older ones are named by pruning's warning
+    _WARNED.update(str(p) for p, _ in foreign if any(str(p) in str(e) for e in skipped))  # named once per run
     for path in reversed(found):
         try:
             saved = read(path)

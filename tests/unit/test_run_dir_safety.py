@@ -101,6 +101,18 @@ def test_issue_junk_named_like_the_newest_checkpoint_is_never_pruned_into(tmp_pa
     assert len(warnings) == 1 and name(999999999) in warnings[0]
 
 
+def test_a_resumed_run_names_the_junk_once(tmp_path):
+    """resume=auto names the skipped junk; the saves that follow in the same run do not repeat it."""
+    out = str(tmp_path)
+    checkpoint.write(tiny_state(1), out, 1, keep=1, warn=pytest.fail)
+    (tmp_path / "checkpoints" / name(9)).write_bytes(b"junk")
+    warnings = []
+    path, _ = checkpoint.resolve("auto", out, warn=warnings.append)
+    assert path.name == name(1) and len(warnings) == 1 and name(9) in warnings[0]
+    checkpoint.write(tiny_state(2), out, 2, keep=1, warn=warnings.append)
+    assert len(warnings) == 1 and checkpoint.list_checkpoints(out) == [tmp_path / "checkpoints" / name(2)]
+
+
 @pytest.mark.parametrize("kind", ["directory", "fifo", "other_step", "truncated", "symlink", "junk"])
 def test_entries_with_a_checkpoints_name_are_left_alone(tmp_path, kind):
     out = str(tmp_path)
