@@ -9,6 +9,13 @@
   file system, an I/O error) becomes one :class:`~distalex.errors.WriteError`
   line naming the file and the reason (exit 1): the run failed, what it wrote
   before is kept.
+* :func:`open_run_file`: the one way distalex opens a run file for writing (the lock,
+  :func:`atomic_write`'s temporary file, :func:`append_jsonl`).  It never follows a
+  symbolic link (``O_NOFOLLOW`` on the last component) and refuses anything but a regular
+  file (a FIFO, a device, a socket, a directory) with one :class:`WriteError` line, before a
+  byte is written: a link planted where a run file is expected cannot make a run overwrite
+  the file it points to.  ``tests/unit/test_guarded_io.py`` checks no other module opens a
+  file for writing.
 * :func:`remove_stale_temps`: the temporary files a killed writer left behind
   (called by the run that owns the output dir, before it writes).
 * :func:`read_jsonl`: the rows of a JSON-lines file; a torn last line (a
@@ -21,6 +28,7 @@ import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -74,25 +82,117 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_KINDS = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def not_a_regular_file(path) -> str | None:
+    """Why ``path`` (not followed if it is a link) cannot be a run file -- 'a symbolic link',
+    'a FIFO', ... -- or None when it is a regular file or does not exist."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unusable ({describe(exc)})"
+    return None if stat.S_ISREG(mode) else _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _refused(path, kind: str) -> WriteError:
+    return WriteError(
+        f"cannot write '{path}': it is {kind}, where distalex keeps a regular file; "
+        f"distalex writes no file through a link or into a special file (remove it, or choose another output dir)"
+    )
+
+
+def open_run_file(path, flags: int, mode: int = 0o644) -> int:
+    """The one place a run file is opened for writing: ``os.open(path, flags)`` with
+    ``O_NOFOLLOW`` (a link as the last component fails instead of being followed),
+    ``O_CLOEXEC`` and, while opening, ``O_NONBLOCK`` (a FIFO never blocks the run); the
+    opened file must be a regular file.  A link or a special file: :class:`WriteError`
+    naming it, with nothing written and nothing truncated (``O_TRUNC`` is refused here:
+    truncate after the check).  Any other OSError: :class:`WriteError` with the reason."""
+    if flags & os.O_TRUNC:
+        raise ValueError("open_run_file: pass no O_TRUNC (truncate after the file is checked)")
+    kind = not_a_regular_file(path)
+    if kind is not None:
+        raise _refused(path, kind)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):  # a link / a FIFO / a directory put there meanwhile
+            raise _refused(path, not_a_regular_file(path) or "not a regular file") from None
+        raise write_failed(path, exc) from None
+    try:
+        mode_now = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode_now):
+            raise _refused(path, _KINDS.get(stat.S_IFMT(mode_now), "not a regular file"))
+        os.set_blocking(fd, True)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc) from None
+        raise
+    return fd
+
+
+def open_regular_for_reading(path) -> IO[bytes]:
+    """A binary file object for reading ``path`` if it is a regular file, never following a
+    link (what pruning and ``resume=auto`` look into); OSError otherwise."""
+    kind = not_a_regular_file(path)
+    if kind is not None:
+        raise OSError(errno.EINVAL, f"it is {kind}")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def atomic_write(path, content: Content) -> Path:
-    """Write ``content`` (bytes, text, or a function that writes into a binary file) to ``path`` atomically."""
+    """Write ``content`` (bytes, text, or a function that writes into a binary file) to ``path`` atomically.
+
+    The temporary file is created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` (:func:`open_run_file`):
+    a file or link already under its name is never written through.  A link or a special
+    file under the final name is refused before anything is written (the rename would
+    replace a link, not follow it, but a run file is never a link)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    kind = not_a_regular_file(path)
+    if kind is not None:
+        raise _refused(path, kind)
+    created = False
     try:
-        with open(tmp, "wb") as fh:
+        fd = open_run_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        created = True
+        with os.fdopen(fd, "wb") as fh:
             if callable(content):
                 content(fh)
             else:
                 fh.write(content.encode() if isinstance(content, str) else content)
             fh.flush()
             os.fsync(fh.fileno())
+        kind = not_a_regular_file(path)
+        if kind is not None:
+            raise _refused(path, kind)
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
+        if created:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise write_failed(path, exc) from None
         raise
     fsync_dir(path.parent)
@@ -147,8 +247,9 @@ def write_jsonl(path, rows) -> Path:
 
 def append_jsonl(path, row: dict) -> None:
     """Append one row.  A kill mid-append leaves at most a torn last line, which :func:`read_jsonl` drops."""
+    fd = open_run_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        with open(path, "a", encoding="utf-8") as fh:
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
     except OSError as exc:
         raise write_failed(path, exc) from None

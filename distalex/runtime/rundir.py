@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from distalex.config import TrainConfig
-from distalex.errors import RunDirError
-from distalex.runtime.io import describe, remove_stale_temps
+from distalex.errors import RunDirError, WriteError
+from distalex.runtime.io import describe, not_a_regular_file, open_run_file, remove_stale_temps
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints")
 LOCK_NAME = ".lock"
@@ -70,8 +70,16 @@ def _usable_dir(out: Path, files=RUN_FILES, key: str = "train.output_dir") -> tu
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunDirError(f"{key} '{out}' cannot be created ({describe(exc)})") from None
-    for name in files:
+    for name in (*files, LOCK_NAME):
         path = out / name
+        if path.is_symlink() or (name != "checkpoints" and not_a_regular_file(path) not in (None, "a directory")):
+            _remove_empty(created)
+            kind = "a symbolic link" if path.is_symlink() else not_a_regular_file(path)
+            raise RunDirError(
+                f"{key} '{out}': '{name}' is {kind}, where the run keeps its "
+                f"{'checkpoints folder' if name == 'checkpoints' else 'own file'}; distalex writes nothing "
+                f"through a link or into a special file (remove it, or choose another {key})"
+            )
         wrong = path.is_file() if name == "checkpoints" else path.is_dir()
         if wrong:
             raise RunDirError(
@@ -102,10 +110,10 @@ def _lock(out: Path, created: tuple, key: str = "train.output_dir") -> RunDirLoc
     path = out / LOCK_NAME
     for _ in range(100):
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
+            fd = open_run_file(path, os.O_RDWR | os.O_CREAT)  # never through a link, never a FIFO
+        except WriteError as exc:
             _remove_empty(created)
-            raise RunDirError(f"{key} '{out}' is not writable ({describe(exc)})") from None
+            raise RunDirError(f"{key} '{out}' is not usable: {exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -117,7 +125,7 @@ def _lock(out: Path, created: tuple, key: str = "train.output_dir") -> RunDirLoc
                 f"wait for it to finish or choose another {key}"
             ) from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(path).st_ino
         except FileNotFoundError:
             same = False
         if not same:

@@ -19,13 +19,22 @@ not loaded at all: unpickling can run code (the refusal says so).
 Writing: rank 0 writes the file with :func:`distalex.runtime.io.atomic_write`.  A crash
 at any moment leaves either the old set of files or the new complete one -
 never a half file under a final name.
+
+What counts as a checkpoint (:func:`scan`, used by pruning, ``resume=auto`` and every
+message): a regular file (not followed if it is a link) named ``step_<9 digits>.safetensors``
+whose safetensors header (read alone, bounded) is complete, holds distalex metadata of this
+format, and stores the step its name says.  Anything else with a checkpoint's name -- junk,
+a directory, a link, a FIFO, a file of another step -- is never deleted nor loaded by
+``resume=auto``; it is named in one warning line (once per run).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -34,7 +43,7 @@ from torch import nn
 
 from distalex.config import STEP_KEYS
 from distalex.errors import CheckpointError, RunFailure, WriteError
-from distalex.runtime.io import atomic_write, ensure_dir
+from distalex.runtime.io import atomic_write, ensure_dir, not_a_regular_file, open_regular_for_reading
 from distalex.training.schedule import LRSchedule
 from distalex.training.state import Position, Totals, TrainingState
 
@@ -43,6 +52,7 @@ SUFFIX = ".safetensors"
 NAME = re.compile(r"^step_(\d{9})\.safetensors$")
 LEGACY_NAME = re.compile(r"^step_(\d{9})\.pt$")
 META_KEY = "distalex"
+HEADER_LIMIT = 16 << 20  # bytes of safetensors header read to recognise a checkpoint (a real one: a few KB)
 TENSOR_GROUPS = ("model", "momentum")
 # Spec fields that change the parameters' shapes or meaning; dropout does not.
 ARCH_FIELDS = ("in_channels", "num_classes", "width", "towers", "lrn", "conv1_padding", "image_size")
@@ -71,11 +81,74 @@ def checkpoint_dir(output_dir: str) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def list_checkpoints(output_dir: str):
+def header_step(path: Path) -> int:
+    """The step a checkpoint file stores, from its safetensors header and distalex metadata
+    alone (at most :data:`HEADER_LIMIT` bytes read; no tensor is loaded).  ValueError saying
+    why when ``path`` is not a complete regular distalex checkpoint file (links not followed)."""
+    try:
+        with open_regular_for_reading(path) as fh:
+            size = struct.unpack("<Q", fh.read(8).ljust(8, b"\0"))[0]
+            if not 2 <= size <= HEADER_LIMIT:
+                raise ValueError("no safetensors header")
+            raw = fh.read(size)
+            total = os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    try:
+        header = json.loads(raw)
+        info = json.loads(header["__metadata__"][META_KEY])
+        step = info["position"]["step"]
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        raise ValueError("its header is not that of a distalex checkpoint") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT or type(step) is not int:
+        raise ValueError("its header is not that of a distalex checkpoint")
+    if total != 8 + size + max(ends, default=0):
+        raise ValueError(
+            f"it is truncated or padded ({total} bytes, its header says {8 + size + max(ends, default=0)})"
+        )
+    return step
+
+
+def scan(output_dir: str) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(checkpoints, by step; entries with a checkpoint's name that are none, with why)."""
     d = checkpoint_dir(output_dir)
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.iterdir() if NAME.match(p.name))
+    if not d.is_dir() or d.is_symlink():
+        return [], []
+    good, bad = [], []
+    for p in sorted(d.iterdir()):
+        m = NAME.match(p.name)
+        if not m:
+            continue
+        kind = not_a_regular_file(p)
+        if kind is not None:
+            bad.append((p, f"it is {kind}"))
+            continue
+        try:
+            step = header_step(p)
+        except ValueError as exc:
+            bad.append((p, str(exc)))
+            continue
+        if step != int(m.group(1)):
+            bad.append((p, f"it stores step {step}, not the step its name says"))
+            continue
+        good.append(p)
+    return good, bad
+
+
+def list_checkpoints(output_dir: str):
+    """The output dir's checkpoints, oldest first (see :func:`scan`: never anything else)."""
+    return scan(output_dir)[0]
+
+
+_WARNED: set = set()  # foreign files already named in a warning, once per run (process)
+
+
+def _warn_foreign(bad, warn) -> None:
+    for p, why in bad:
+        if str(p) not in _WARNED:
+            _WARNED.add(str(p))
+            warn(f"warning: '{p}' is not a distalex checkpoint ({why}); left alone, never pruned nor resumed from")
 
 
 def kept(output_dir: str) -> str:
@@ -109,7 +182,12 @@ def resolve(resume: str | None, output_dir: str, warn=print) -> tuple[Path | Non
         if not path.is_file():
             raise CheckpointError(f"train.resume: checkpoint '{resume}' does not exist")
         return path, read(path)
-    found = list_checkpoints(output_dir)
+    found, foreign = scan(output_dir)
+    if not found and foreign:
+        raise CheckpointError(
+            f"train.resume=auto: none of the {len(foreign)} checkpoints in {checkpoint_dir(output_dir)} can be "
+            f"read (newest: '{foreign[-1][0]}': {foreign[-1][1]})"
+        )
     if not found:
         legacy = _legacy_checkpoints(output_dir)
         if legacy:
@@ -119,7 +197,12 @@ def resolve(resume: str | None, output_dir: str, warn=print) -> tuple[Path | Non
                 f"can run code; start afresh with train.overwrite=true"
             )
         return None, None
-    skipped = []
+    skipped = [
+        CheckpointError(f"checkpoint '{p}' cannot be used ({why})")
+        for p, why in foreign
+        if int(NAME.match(p.name).group(1)) > int(NAME.match(found[-1].name).group(1))
+    ]  # the older ones are named by pruning's warning
+    _WARNED.update(str(p) for p, _ in foreign if any(str(p) in str(e) for e in skipped))  # named once per run
     for path in reversed(found):
         try:
             saved = read(path)
@@ -130,7 +213,7 @@ def resolve(resume: str | None, output_dir: str, warn=print) -> tuple[Path | Non
             warn(f"warning: {exc}; skipped (left in place), resuming from {path.name}")
         return path, saved
     raise CheckpointError(
-        f"train.resume=auto: none of the {len(found)} checkpoints in {checkpoint_dir(output_dir)} can be "
+        f"train.resume=auto: none of the {len(found) + len(foreign)} checkpoints in {checkpoint_dir(output_dir)} can be "
         f"read (newest: {skipped[0]})"
     )
 
@@ -294,10 +377,14 @@ def _check_numbers(obj, names: set, types, path, where: str) -> None:
         raise _refuse(path, f"field '{where}' holds a value that is not a number >= 0")
 
 
-def write(saved: dict, output_dir: str, step: int, keep: int) -> Path:
+def write(saved: dict, output_dir: str, step: int, keep: int, warn=print) -> Path:
     """Write one checkpoint atomically and prune to the newest ``keep``.  A failed write
     (a full disk, say) removes its temporary file, prunes nothing and raises a one-line
-    :class:`WriteError` (exit 1)."""
+    :class:`WriteError` (exit 1).
+
+    Pruning deletes only checkpoints (:func:`scan`), never the one just written: ``keep``
+    of them remain, the new one among them.  Anything else with a checkpoint's name is left
+    alone and named in one ``warn`` line (once per run)."""
     directory = checkpoint_dir(output_dir)
     data = encode(saved)
     try:
@@ -307,8 +394,14 @@ def write(saved: dict, output_dir: str, step: int, keep: int) -> Path:
         raise WriteError(
             f"{exc}; the run stopped at step {step}. {kept(output_dir)} Free space, then train.resume=auto continues."
         ) from None
-    for old in list_checkpoints(output_dir)[:-keep]:
-        old.unlink()
+    found, foreign = scan(output_dir)
+    _warn_foreign(foreign, warn)
+    others = [p for p in found if p.name != final.name]
+    for old in others[: max(0, len(others) - (max(keep, 1) - 1))]:
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            pass
     return final
 
 
@@ -337,6 +430,8 @@ def read(path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a directory, not a checkpoint file")
+    if path.exists() and not path.is_file():  # a FIFO would block the reader, a device never end
+        raise CheckpointError(f"checkpoint '{path}' is not a regular file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata()

@@ -163,8 +163,15 @@ def test_a_crafted_spec_cannot_make_load_reference_allocate(tmp_path):
         checkpoint.load_reference(str(crafted(tmp_path, info=info)))
 
 
+def state_at(step):
+    """A real state whose stored step is ``step`` (what a checkpoint named for it stores)."""
+    state = real_state()
+    state["position"]["step"] = step
+    return state
+
+
 def test_truncated_and_directory_and_legacy(tmp_path):
-    path = checkpoint.write(real_state(), str(tmp_path), 3, keep=3)
+    path = checkpoint.write(state_at(3), str(tmp_path), 3, keep=3)
     data = path.read_bytes()
     for cut in (10, 1000, len(data) - 7):
         bad = tmp_path / f"cut{cut}.safetensors"
@@ -179,12 +186,12 @@ def test_truncated_and_directory_and_legacy(tmp_path):
 
 def test_resume_auto_skips_unreadable_newest_and_keeps_it(tmp_path):
     out = str(tmp_path)
-    checkpoint.write(real_state(), out, 3, keep=5)
-    newest = checkpoint.write(real_state(), out, 6, keep=5)
+    checkpoint.write(state_at(3), out, 3, keep=5)
+    newest = checkpoint.write(state_at(6), out, 6, keep=5)
     newest.write_bytes(newest.read_bytes()[:500])
     warnings = []
     path, saved = checkpoint.resolve("auto", out, warn=warnings.append)
-    assert path.name == "step_000000003.safetensors" and saved["position"]["step"] == 12
+    assert path.name == "step_000000003.safetensors" and saved["position"]["step"] == 3
     assert len(warnings) == 1 and "step_000000006.safetensors" in warnings[0] and "step_000000003" in warnings[0]
     assert newest.exists(), "the unreadable checkpoint is left in place"
     # explicitly named, the same file is refused
