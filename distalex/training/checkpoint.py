@@ -385,6 +385,9 @@ def write(saved: dict, output_dir: str, step: int, keep: int, warn=print) -> Pat
     Pruning deletes only checkpoints (:func:`scan`), never the one just written: ``keep``
     of them remain, the new one among them.  Anything else with a checkpoint's name is left
     alone and named in one ``warn`` line (once per run)."""
+    if saved.get("position", {}).get("step") != step:
+        # A file whose name and stored step disagree is not a checkpoint (scan): never write one.
+        raise ValueError(f"checkpoint of step {saved.get('position', {}).get('step')} written as step {step}")
     directory = checkpoint_dir(output_dir)
     data = encode(saved)
     try:

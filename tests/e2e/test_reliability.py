@@ -75,17 +75,19 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
         import os, signal
         from distalex.training import checkpoint
         saved = checkpoint.read({str(real)!r})
-        checkpoint.write(saved, {str(out)!r}, 1, keep=3)
+        step = saved["position"]["step"]
+        checkpoint.write(saved, {str(out)!r}, step, keep=3)
         saved["model"] = {{k: v + 1 for k, v in saved["model"].items()}}
+        saved["position"]["step"] = step + 1
         real_fsync = os.fsync
         def dying_fsync(fd):  # the new file's bytes are written, it is not yet renamed
             os.kill(os.getpid(), signal.SIGKILL)
         os.fsync = dying_fsync
-        checkpoint.write(saved, {str(out)!r}, 2, keep=3)
+        checkpoint.write(saved, {str(out)!r}, step + 1, keep=3)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert [p.name for p in list_checkpoints(str(out))] == ["step_000000001.safetensors"]
+    assert [p.name for p in list_checkpoints(str(out))] == [real.name]  # only the one written before
     assert any(p.name.endswith(".tmp") for p in (out / "checkpoints").iterdir())  # the killed writer's
     a, b = read(real)["model"], read(list_checkpoints(str(out))[0])["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
