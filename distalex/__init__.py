@@ -7,7 +7,7 @@ The public API (stable whatever the internal layout)::
     import distalex
     cfg = distalex.load_config("configs/tiny.yaml", ["train.epochs=1"])
     summary = distalex.train(cfg)                        # one process
-    model = distalex.load_reference("runs/tiny/checkpoints/step_000000078.safetensors")
+    model = distalex.load_reference("runs/tiny/checkpoints/step_000000561.safetensors")
 
 The names are imported on first use, so ``import distalex`` stays cheap and the
 subpackages (model, parallel, training, telemetry, runtime, data) never import
