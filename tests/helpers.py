@@ -209,6 +209,14 @@ def assert_bad_input(proc, *needles):
         assert needle in errors[0], errors[0]
 
 
+def assert_same_losses(a, b, steps: int = EXACT_STEPS) -> None:
+    """Two runs logged steps 1..steps with losses equal to 1e-4 relative, step for step."""
+    la, lb = step_losses(a), step_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, steps + 1))
+    for step in la:
+        assert abs(la[step] - lb[step]) <= 1e-4 * abs(la[step]), (step, la[step], lb[step])
+
+
 def metrics(run_dir) -> list:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 

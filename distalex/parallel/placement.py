@@ -225,6 +225,14 @@ class Placement:
     def _count_ddp_bytes(self, synced: list[nn.Parameter]) -> None:
         self._comm["ddp_bytes_per_step"] = (self.ddp or DDPOptions()).bytes_per_step(synced, self.mesh.replicas)
 
+    def _gathered_reference(self, model: nn.Module) -> AlexNet:
+        """The plain reference model holding ``model``'s weights made whole (a collective where
+        they are split): for evaluating data-parallel, any number of rows per rank."""
+        with torch.device("meta"):
+            reference = AlexNet(self.spec)
+        reference.load_state_dict(self.full_tensors(dict(model.state_dict())), assign=True)
+        return reference.train(model.training)
+
     def _ddp_over_replica_group(self, model: nn.Module) -> nn.Module:
         """DDP over this rank's replica group only (not accelerate's prepare, which spans every rank)."""
         options = self.ddp or DDPOptions()
@@ -445,10 +453,7 @@ class PipelinePlacement(Placement):
     def inference_model(self, model: nn.Module) -> nn.Module:
         """The whole reference model gathered on every rank (a collective over the stages), so
         that evaluation is plain data parallelism."""
-        with torch.device("meta"):
-            reference = AlexNet(self.spec)
-        reference.load_state_dict(self.full_tensors(dict(model.state_dict())), assign=True)
-        return reference.train(model.training)
+        return self._gathered_reference(model)
 
     def full_tensors(self, tensors):
         return pipeline.gather_stages(tensors, self.stage_group, self.stage_ranks(), self.device)
@@ -512,11 +517,7 @@ class ShardedPlacement(Placement):
         """The plain reference model with every shard gathered (a collective), so evaluation is
         data parallelism over any number of rows per rank (FSDP's forward would need the same
         number of batches on every rank)."""
-        tensors = self.full_tensors(dict(model.state_dict()))
-        with torch.device("meta"):
-            reference = AlexNet(self.spec)
-        reference.load_state_dict(tensors, assign=True)
-        return reference.train(model.training)
+        return self._gathered_reference(model)
 
     def all_finite(self, model: nn.Module) -> bool:
         return all(bool(torch.isfinite(local_part(p)).all()) for p in model.parameters())

@@ -11,7 +11,17 @@ from distalex.parallel.comm import pipeline_bytes_per_step
 from distalex.parallel.pipeline import cut_stages
 from distalex.training.checkpoint import read
 
-from helpers import EXACT, EXACT_STEPS, TINY, latest_checkpoint, metrics, run_cli, shared_run, step_losses, summary
+from helpers import (
+    EXACT,
+    EXACT_STEPS,
+    TINY,
+    assert_same_losses,
+    latest_checkpoint,
+    metrics,
+    run_cli,
+    shared_run,
+    summary,
+)
 
 PIPE = ["--split-mode", "pipeline"]
 RUNS = {
@@ -30,13 +40,6 @@ def single(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return {name: shared_run(tmp_path_factory, *EXACT, *args, nprocs=n) for name, (n, args) in RUNS.items()}
-
-
-def assert_same_losses(a, b):
-    la, lb = step_losses(a), step_losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, EXACT_STEPS + 1))
-    for step in la:
-        assert abs(la[step] - lb[step]) <= 1e-4 * abs(la[step]), (step, la[step], lb[step])
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))

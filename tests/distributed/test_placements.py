@@ -18,6 +18,7 @@ from helpers import (
     QUICK,
     SPLIT_MODES,
     TINY,
+    assert_same_losses,
     cli_env,
     free_port,
     latest_checkpoint,
@@ -25,7 +26,6 @@ from helpers import (
     metrics,
     run_cli,
     shared_run,
-    step_losses,
     summary,
 )
 
@@ -47,13 +47,6 @@ def runs(tmp_path_factory):
         "fsdp4_t2": (4, ["--split-mode", "fsdp", "model.towers=2"]),
     }
     return {name: shared_run(tmp_path_factory, *SAME, *args, nprocs=nprocs) for name, (nprocs, args) in plan.items()}
-
-
-def assert_same_losses(a, b):
-    la, lb = step_losses(a), step_losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
-    for step in la:
-        assert abs(la[step] - lb[step]) <= 1e-4 * abs(la[step]), (step, la[step], lb[step])
 
 
 def test_ddp_follows_single(runs):
