@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,16 +63,19 @@ def export(loaded: Loaded, fmt: str, out: Path, overwrite: bool, notify: Callabl
     model = reference_model(loaded)
     inputs = verification_inputs(loaded, notify)
     started = time.perf_counter()
-    # The temporary file ends like the final one: torch.export.load insists on ".pt2".
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp{out.suffix}")
-    try:
+    # The writers (torch.onnx.export, torch.export.save, safetensors) take a path and would
+    # follow a link planted under a predictable temporary name; a fresh private folder beside
+    # --out (mkdtemp: mode 0700, a name nobody could have chosen) holds the temporary file
+    # instead, and the rename stays on --out's file system.  It ends like the final file:
+    # torch.export.load insists on ".pt2".
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.stem}.export-") as folder:
+        tmp = Path(folder) / f"model{out.suffix}"
         with torch.no_grad():
             writer(model, loaded, tmp)
             run = runner(tmp, loaded)
             figures = verify(model, run, inputs)
+        check_output_file(out, overwrite, "--out")  # nothing planted at --out meanwhile
         os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     figures.update({"format": fmt, "out": str(out), "bytes": out.stat().st_size})
     figures["seconds"] = time.perf_counter() - started
     return figures

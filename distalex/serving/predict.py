@@ -23,6 +23,7 @@ import torch
 from distalex.data.imagefolder import IMG_EXTENSIONS
 from distalex.data.images import eval_tensor, mode_for, open_image
 from distalex.errors import ConfigError, DataError, OutputError
+from distalex.runtime.io import not_a_regular_file
 from distalex.serving.loaded import Loaded, reference_model
 from distalex.telemetry.plots import plot_predictions
 from distalex.training.evaluate import class_probabilities
@@ -73,8 +74,9 @@ def _folder(path: Path, classes: tuple[str, ...]) -> list[Item]:
 def check_output_file(path: Path, overwrite: bool, what: str) -> None:
     """An output file a command will write: it must not exist (unless ``overwrite``) and its
     folder must exist; refused before anything runs."""
-    if path.is_dir():
-        raise OutputError(f"{what} '{path}' is a directory")
+    kind = not_a_regular_file(path)
+    if kind is not None:  # a link, a FIFO, a device, a directory: never written through or replaced
+        raise OutputError(f"{what} '{path}' is {kind}; distalex writes its outputs as regular files only")
     if path.exists() and not overwrite:
         raise OutputError(f"{what} '{path}' exists; pass --overwrite to replace it")
     if not path.parent.is_dir():

@@ -333,6 +333,33 @@ def test_export_refuses_an_existing_file_and_an_unknown_format(ckpt, tmp_path, c
     assert not (tmp_path / "m.tflite").exists()
 
 
+def test_export_never_writes_through_a_link_or_into_a_special_file(ckpt, tmp_path, capsys):
+    """--out as a link (even with --overwrite) or a FIFO is refused before anything runs;
+    the temporary file lives in a fresh private folder, so a link planted under the old
+    predictable name (``.<stem>.<pid>.tmp<suffix>``) is never followed."""
+    import os
+
+    from distalex.cli import export_main
+
+    victim = tmp_path / "users_file"
+    victim.write_bytes(b"keep me")
+    link = tmp_path / "m.pt2"
+    link.symlink_to(victim)
+    assert export_main([str(ckpt), "--format", "pt2", "--out", str(link), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a symbolic link" in err
+    assert victim.read_bytes() == b"keep me" and link.is_symlink()
+    fifo = tmp_path / "f.pt2"
+    os.mkfifo(fifo)
+    assert export_main([str(ckpt), "--format", "pt2", "--out", str(fifo), "--overwrite"]) == 2
+    assert "is a FIFO" in capsys.readouterr().err
+    planted = tmp_path / f".ok.{os.getpid()}.tmp.pt2"
+    planted.symlink_to(victim)
+    assert export_main([str(ckpt), "--format", "pt2", "--out", str(tmp_path / "ok.pt2")]) == 0
+    assert victim.read_bytes() == b"keep me" and (tmp_path / "ok.pt2").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [planted.name]
+
+
 def test_an_export_that_does_not_reproduce_the_model_is_not_kept(ckpt, tmp_path, monkeypatch):
     from distalex.errors import ExportFailure
     from distalex.serving import export
