@@ -12,12 +12,13 @@ after writing a checkpoint.  Every status comes from the error's class
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
 from pathlib import Path
 
 from distalex.config import SPLIT_MODES, load_config
-from distalex.errors import DistalexError, UsageError
+from distalex.errors import DistalexError, Interrupted, UsageError
+from distalex.runtime.launcher import is_main_process, launcher_env
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "d2l_fashion_mnist.yaml"
 
@@ -41,31 +42,70 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return is_main_process()  # the launcher's RANK, checked (every process when it is bad)
 
 
 def report(exc: DistalexError) -> int:
     """One line on the main process; the exit status the error stands for."""
-    if _is_main_process():
+    if exc.every_process or _is_main_process():
         prefix = "distalex: error: " if exc.label == "error" else "distalex: "
         print(prefix + str(exc), file=sys.stderr, flush=True)
     return exc.exit_code
 
 
+TRAIN_SIGINT = (
+    "outside the training steps (start-up or the end of the run), so no checkpoint was written for it; "
+    "train.resume=auto continues from the newest checkpoint, if any"
+)
+
+
+def guarded(body, interrupted: str, cleanup=None) -> tuple[int, object]:
+    """The one place an exception becomes an exit status (and one line): ``(0, body())``, or
+    ``(status, None)`` after printing the line.  A :class:`DistalexError` is its own status;
+    Ctrl-C outside the training loop's handler (importing, building, finishing) is 130 with
+    ``interrupted`` as its line; a process-group error (a peer that timed out or died, a
+    failed rendezvous) is 1 (:func:`distalex.parallel.launch.process_group_failure`).
+    Anything else is a bug and keeps its traceback.  ``cleanup`` runs in every case."""
+    try:
+        try:
+            return 0, body()
+        finally:
+            if cleanup is not None:
+                cleanup()
+    except DistalexError as exc:
+        return report(exc), None
+    except KeyboardInterrupt:
+        return report(Interrupted(signal.SIGINT, None, interrupted)), None
+    except Exception as exc:
+        launch = sys.modules.get("distalex.parallel.launch")  # imported wherever a process group exists
+        failure = launch.process_group_failure(exc) if launch is not None else None
+        if failure is None:
+            raise
+        return report(failure), None
+
+
+def _shutdown() -> None:
+    """Process groups' orderly end, if this process has any (without importing torch otherwise)."""
+    launch = sys.modules.get("distalex.parallel.launch")
+    if launch is not None:
+        launch.shutdown()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     config_path = args.config or (str(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else None)
-    from distalex.parallel.launch import shutdown
 
-    try:
+    def run():
+        launcher_env()  # before anything reads a launcher variable
         cfg = load_config(config_path, args.overrides, args.split_mode)
         from distalex.training.trainer import train
 
-        summary = train(cfg)
-    except DistalexError as exc:
-        return report(exc)
-    finally:
-        shutdown()
+        return cfg, train(cfg)
+
+    status, result = guarded(run, TRAIN_SIGINT, cleanup=_shutdown)
+    if status:
+        return status
+    cfg, summary = result
     if _is_main_process():
         keys = ("loss", "train_acc", "test_acc", "examples_per_sec", "wall_time_s")
         figures = ", ".join(f"{k} {summary[k]:.4g}" for k in keys if summary.get(k) is not None)
@@ -92,6 +132,9 @@ def _parse(parser: argparse.ArgumentParser, argv, intermixed: bool = True):
         return None, report(exc)
 
 
+COMMAND_SIGINT = "the command did not finish; nothing it would write was written"
+
+
 def _checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint file (<output_dir>/checkpoints/step_N.safetensors)")
     parser.add_argument(
@@ -114,22 +157,22 @@ def evaluate_main(argv=None) -> int:
     args, status = parse_evaluate_args(argv)
     if args is None:
         return status
-    from distalex.parallel.launch import shutdown
 
-    try:
+    def run():
+        world = launcher_env().world_size
         from distalex.serving.evaluate import default_output_dir, evaluate_checkpoint
         from distalex.serving.loaded import open_checkpoint
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         split_mode = args.split_mode or ("ddp" if world > 1 else "single")
         overrides = [*args.overrides, *(["eval.ten_crop=true"] if args.ten_crop else [])]
         loaded = open_checkpoint(args.checkpoint, args.config, overrides, split_mode)
         out = Path(args.output_dir) if args.output_dir else default_output_dir(loaded.path)
-        result = evaluate_checkpoint(loaded, out, args.overwrite)
-    except DistalexError as exc:
-        return report(exc)
-    finally:
-        shutdown()
+        return out, evaluate_checkpoint(loaded, out, args.overwrite)
+
+    status, done = guarded(run, COMMAND_SIGINT, cleanup=_shutdown)
+    if status:
+        return status
+    out, result = done
     if _is_main_process():
         top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
         crops = " (ten crops)" if result["ten_crop"] else ""
@@ -156,13 +199,14 @@ def predict_main(argv=None) -> int:
     args, status = parse_predict_args(argv)
     if args is None:
         return status
-    try:
+
+    def run():
+        launcher_env()
         from distalex.serving.loaded import open_checkpoint
         from distalex.serving.predict import predict
 
         loaded = open_checkpoint(args.checkpoint, args.config)
-        grid = Path(args.grid) if args.grid else None
-        n = predict(
+        return predict(
             loaded,
             args.images,
             args.top_k,
@@ -172,8 +216,11 @@ def predict_main(argv=None) -> int:
             emit=lambda line: print(line, flush=True),
             notify=lambda line: print(line, file=sys.stderr, flush=True),
         )
-    except DistalexError as exc:
-        return report(exc)
+
+    grid = Path(args.grid) if args.grid else None
+    status, n = guarded(run, COMMAND_SIGINT)
+    if status:
+        return status
     if grid is not None:
         print(f"distalex: {n} images drawn -> {grid}", file=sys.stderr, flush=True)
     return 0
@@ -195,16 +242,23 @@ def export_main(argv=None) -> int:
     args, status = parse_export_args(argv)
     if args is None:
         return status
-    try:
+
+    def run():
+        launcher_env()
         from distalex.serving.export import check_format, default_out, export
         from distalex.serving.loaded import open_checkpoint
 
         fmt = check_format(args.format)
         loaded = open_checkpoint(args.checkpoint, args.config, args.overrides)
         out = Path(args.out) if args.out else default_out(loaded.path, fmt)
-        result = export(loaded, fmt, out, args.overwrite, notify=lambda line: print(line, file=sys.stderr, flush=True))
-    except DistalexError as exc:
-        return report(exc)
+        return fmt, export(
+            loaded, fmt, out, args.overwrite, notify=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+
+    status, done = guarded(run, COMMAND_SIGINT)
+    if status:
+        return status
+    fmt, result = done
     print(
         f"distalex: exported {fmt} -> {result['out']} ({result['bytes'] / 1e6:.3g} MB); verified against the "
         f"reference model on {'; '.join(result['checks'])}: max |difference| {result['max_abs_diff']:.3g} = "

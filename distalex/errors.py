@@ -9,7 +9,7 @@ The CLI maps a :class:`DistalexError` to its ``exit_code`` in one place
   a full disk, a data file that changed during the run); what it wrote before
   the failure is kept.
 * :class:`Interrupted` (exit 128 + signal): SIGTERM/SIGINT stopped the run
-  after it wrote a checkpoint.
+  after it wrote a checkpoint (or, Ctrl-C outside the training steps, before it began).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ class DistalexError(Exception):
 
     exit_code = 1
     label = "error"
+    # Printed by every process, not only the main one: for errors a process finds before it
+    # has joined its job (then no other process can speak for it).
+    every_process = False
 
 
 class BadInput(DistalexError):
@@ -32,6 +35,13 @@ class BadInput(DistalexError):
 
 class ConfigError(BadInput, ValueError):
     """A config value is unknown, mistyped or impossible, or the world size does not fit it."""
+
+
+class LaunchError(ConfigError):
+    """The launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, ...) is malformed,
+    inconsistent or left from another job (distalex/runtime/launcher.py)."""
+
+    every_process = True  # which process is the main one is what is in doubt
 
 
 class ModelSpecError(ConfigError):
@@ -62,6 +72,12 @@ class RunFailure(DistalexError):
     """The run failed after it started; earlier checkpoints and records are kept (exit status 1)."""
 
 
+class RendezvousFailure(RunFailure):
+    """The job's processes could not meet (MASTER_ADDR:MASTER_PORT refused or silent)."""
+
+    every_process = True
+
+
 class WriteError(RunFailure):
     """A run file could not be written (a full disk, a quota, a read-only or failing file system)."""
 
@@ -84,10 +100,10 @@ class Interrupted(DistalexError):
 
     label = "stopped"
 
-    def __init__(self, signum: int, path):
+    def __init__(self, signum: int, path, note: str | None = None):
         name = signal.Signals(signum).name
         where = f"checkpoint {path}" if path else "no checkpoint written"
-        super().__init__(f"stopped by {name}; {where}; continue with train.resume=auto")
+        super().__init__(f"stopped by {name}; " + (note or f"{where}; continue with train.resume=auto"))
         self.signum = int(signum)
 
     @property

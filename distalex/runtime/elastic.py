@@ -20,22 +20,22 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from distalex.runtime.launcher import launcher_env
+
 
 def init_for_restarts(timeout: timedelta, cuda: bool) -> bool:
     """Start the default group on an attempt-prefixed store; True if it did.  A no-op
     without a torchrun agent's store (plain python, other launchers) or when a group
     exists."""
-    env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
         return False
-    world_size = int(env["WORLD_SIZE"])
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
-    attempt = restart_count()
+    env = launcher_env()  # checked: a multi-process job has MASTER_ADDR, MASTER_PORT and RANK
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
     dist.init_process_group(
         backend="nccl" if cuda and torch.cuda.is_available() else "gloo",
-        store=dist.PrefixStore(f"/worker/attempt_{attempt}", store),
-        rank=int(env["RANK"]),
-        world_size=world_size,
+        store=dist.PrefixStore(f"/worker/attempt_{env.restart_count}", store),
+        rank=env.rank,
+        world_size=env.world_size,
         timeout=timeout,
     )
     return True
@@ -43,4 +43,4 @@ def init_for_restarts(timeout: timedelta, cuda: bool) -> bool:
 
 def restart_count() -> int:
     """How many times the launcher has restarted the workers (0 on the first attempt)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    return launcher_env().restart_count

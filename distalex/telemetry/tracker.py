@@ -4,7 +4,9 @@ Project ``tracking.project``; run name ``<experiment>-<split>-<W>x<device>-<prec
 (or ``tracking.run_name``); group ``tracking.group`` or the experiment; job_type the
 split mode; config the run facts (split_mode, world_size, replicas, towers,
 mixed_precision, global_batch, device) plus the full experiment config under
-``config``; the run's summary gets summary.json.  Without credentials (no
+``config``; history: every metrics.jsonl row at its step, its figures under ``step/...``
+(a logged step's row) or ``epoch/...`` (an epoch's row; :func:`wandb_figures`); the run's
+summary gets summary.json.  Without credentials (no
 ``WANDB_API_KEY``, no api.wandb.ai in ~/.netrc) and without ``WANDB_MODE`` the run
 is offline: files under ``<output_dir>/wandb/offline-run-*`` (``$WANDB_DIR/wandb/``
 when WANDB_DIR is set), uploadable later with ``wandb sync``.
@@ -115,7 +117,7 @@ class WandbTracker:
         if not self.on:
             return
         try:
-            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.accelerator.log(wandb_figures(row), step=row["step"])
         except Exception as exc:
             self.failed(exc)
 
@@ -137,6 +139,22 @@ class WandbTracker:
             self.on = False
         except Exception as exc:
             self.failed(exc)
+
+
+def row_kind(row: dict) -> str:
+    """``epoch`` for an epoch's row (it carries the evaluation), ``step`` for a logged step's."""
+    return "epoch" if "test_acc" in row else "step"
+
+
+def wandb_figures(row: dict) -> dict:
+    """A metrics.jsonl row as wandb history figures: every key but ``step`` (wandb's step) under
+    its row's kind, ``step/loss`` or ``epoch/loss``.  At an epoch's last step both rows are
+    logged at the same wandb step, and wandb merges what is logged at one step into one history
+    row: under plain keys the epoch row's ``loss`` (and ``examples_per_sec``, ``mfu`` ...) would
+    overwrite the step row's, so one of two figures that metrics.jsonl holds would never reach
+    wandb.  Under distinct keys both do (docs/records.md)."""
+    kind = row_kind(row)
+    return {f"{kind}/{k}": v for k, v in row.items() if k != "step"}
 
 
 def _is_wandb(t) -> bool:

@@ -12,8 +12,8 @@ Format: one safetensors file, ``checkpoints/step_<9 digits>.safetensors``.
 The tensors are its tensors (``model/<name>``, ``momentum/<name>``,
 ``rng/<rank>/<kind>``); everything else is one JSON document in its metadata
 (key ``distalex``).  Neither safetensors nor JSON can execute code, and every
-field read back is checked before use, so a crafted file is refused with one
-line (exit 2).  The pickle-based ``step_*.pt`` files of earlier versions are
+field read back is checked against one schema (:mod:`distalex.training.metadata`) before
+use, so a crafted file is refused with one line naming the field (exit 2).  The pickle-based ``step_*.pt`` files of earlier versions are
 not loaded at all: unpickling can run code (the refusal says so).
 
 Writing: rank 0 writes the file with :func:`distalex.runtime.io.atomic_write`.  A crash
@@ -44,7 +44,7 @@ from torch import nn
 from distalex.config import STEP_KEYS
 from distalex.errors import CheckpointError, RunFailure, WriteError
 from distalex.runtime.io import atomic_write, ensure_dir, not_a_regular_file, open_regular_for_reading
-from distalex.training.schedule import LRSchedule
+from distalex.training import metadata
 from distalex.training.state import Position, Totals, TrainingState
 
 FORMAT = 2
@@ -56,17 +56,6 @@ HEADER_LIMIT = 16 << 20  # bytes of safetensors header read to recognise a check
 TENSOR_GROUPS = ("model", "momentum")
 # Spec fields that change the parameters' shapes or meaning; dropout does not.
 ARCH_FIELDS = ("in_channels", "num_classes", "width", "towers", "lrn", "conv1_padding", "image_size")
-# What a checkpoint's JSON must hold, and of which type (checked before anything uses it).
-_FIELDS = {
-    "format": int,
-    "spec": dict,
-    "schedule": dict,
-    "position": dict,
-    "stats": dict,
-    "config": dict,
-    "placement": dict,
-    "rng_ranks": int,
-}
 _PICKLE_HINT = (
     "; it is a pickle (.pt) file, which distalex does not load because unpickling can run code in it "
     "(checkpoints are .safetensors files now)"
@@ -313,20 +302,9 @@ def decode(meta: dict | None, tensors: dict[str, torch.Tensor], path) -> dict:
     if not isinstance(info, dict):
         raise _refuse(path, "its metadata is not a JSON object")
     if info.get("format") != FORMAT:
-        raise _refuse(path, f"format {info.get('format')!r}, expected {FORMAT}")
-    for key, kind in _FIELDS.items():
-        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool) and kind is int:
-            raise _refuse(path, f"field '{key}' is missing or not a {kind.__name__}")
-    _check_numbers(info["position"], _names(Position), int, path, "position")
-    _check_numbers(info["stats"].get("totals"), _names(Totals), (int, float), path, "stats.totals")
-    progress = {k: info["schedule"].get(k) for k in LRSchedule.PROGRESS}
-    _check_numbers(progress, set(LRSchedule.PROGRESS), (int, float), path, "schedule")
-    if not isinstance(info["stats"].get("meter"), dict):
-        raise _refuse(path, "field 'stats.meter' is missing")
+        raise _refuse(path, f"format {metadata.show(info.get('format'))}, expected {FORMAT}")
+    metadata.check(info, path)  # every field: type, range, presence (distalex/training/metadata.py)
     last_eval = info.get("last_eval", {})
-    if not isinstance(last_eval, dict):
-        raise _refuse(path, "field 'last_eval' is not an object")
-    _check_classes(info, path)
     groups: dict[str, dict] = {g: {} for g in TENSOR_GROUPS}
     rng: list[dict] = [{} for _ in range(max(0, min(info["rng_ranks"], 1 << 16)))]
     for key, t in tensors.items():
@@ -347,34 +325,10 @@ def decode(meta: dict | None, tensors: dict[str, torch.Tensor], path) -> dict:
     return {**info, **groups, "rng": rng, "last_eval": last_eval}
 
 
-def _check_classes(info: dict, path) -> None:
-    """Class names are optional (checkpoints written before they were recorded have none);
-    present, they are one string per output of the network."""
-    classes = info.get("classes")
-    if classes is None:
-        return
-    num_classes = info["spec"].get("num_classes")
-    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
-        raise _refuse(path, "field 'classes' is not a list of names")
-    if len(classes) != num_classes:
-        raise _refuse(path, f"field 'classes' names {len(classes)} classes, the network has {num_classes!r}")
-
-
 def class_names(saved: dict) -> tuple[str, ...] | None:
     """The class names a checkpoint carries, in label order; None for older checkpoints."""
     classes = saved.get("classes")
     return tuple(classes) if classes is not None else None
-
-
-def _names(cls) -> set:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _check_numbers(obj, names: set, types, path, where: str) -> None:
-    if not isinstance(obj, dict) or set(obj) != names:
-        raise _refuse(path, f"field '{where}' must hold exactly {sorted(names)}")
-    if any(isinstance(v, bool) or not isinstance(v, types) or v < 0 for v in obj.values()):
-        raise _refuse(path, f"field '{where}' holds a value that is not a number >= 0")
 
 
 def write(saved: dict, output_dir: str, step: int, keep: int, warn=print) -> Path:

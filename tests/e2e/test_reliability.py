@@ -174,6 +174,18 @@ def test_dead_rank_ends_the_job_within_timeout(tmp_path):
         kill_job(proc, tmp_path, signal.SIGKILL)
 
 
+def assert_one_line_failure(stderr: str, *needles) -> None:
+    """The surviving distalex processes end with one ``distalex: error:`` line between them (the
+    main process's) and no traceback; the launcher's own report of a failed worker (torch
+    elastic's ChildFailedError) is not distalex's and is ignored."""
+    ours = stderr.split("Traceback (most recent call last):", 1)[0] if "ChildFailedError" in stderr else stderr
+    launcher = stderr[len(ours) :]
+    errors = [line for line in stderr.splitlines() if line.startswith("distalex: error:")]
+    assert len(errors) == 1, stderr[-5000:]
+    assert all(n in errors[0] for n in needles), errors[0]
+    assert "Traceback" not in ours and "distalex/" not in launcher, stderr[-5000:]
+
+
 HUNG_MARGIN_S = 60  # the launcher's 30 s SIGTERM grace before SIGKILL (a stopped rank ignores SIGTERM), start-up
 
 
@@ -201,9 +213,11 @@ def test_hung_rank_in_a_2x2_mesh_ends_the_job_within_timeout(tmp_path):
         assert len(victims) == 1
         stopped_at = time.time()
         os.kill(victims[0], signal.SIGSTOP)
-        proc.communicate(timeout=timeout_s + HUNG_MARGIN_S)
+        _, stderr = proc.communicate(timeout=timeout_s + HUNG_MARGIN_S)
         assert proc.returncode != 0
         assert time.time() - stopped_at <= timeout_s + HUNG_MARGIN_S
+        # The main process's one line (the others' timeouts are not printed), no traceback.
+        assert_one_line_failure(stderr, "distalex: error: a peer process ", "(gloo: ")
         assert not any(worker_pids(tmp_path, r) for r in range(4)), "no rank may outlive the job"
     finally:
         kill_job(proc, tmp_path, signal.SIGKILL)  # SIGKILL ends a stopped process too

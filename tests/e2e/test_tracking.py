@@ -119,6 +119,23 @@ def read_offline_run(run_dir: Path) -> dict:
     return out
 
 
+def wandb_history(run_dir: Path) -> dict:
+    """{step: {key: value}} of an offline run's history, as wandb's own reader prints it
+    (``wandb leet inspect --json``: one JSON record per line; what one step logs merged)."""
+    wandb = Path(sys.executable).parent / "wandb"
+    proc = subprocess.run(
+        [str(wandb), "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history: dict = {}
+    for line in proc.stdout.splitlines():
+        record = json.loads(line)
+        if record.get("type") == "history":
+            item = record["history"]["item"]
+            history.setdefault(item["_step"], {}).update({k: v for k, v in item.items() if not k.startswith("_")})
+    return history
+
+
 def offline_runs(root: Path) -> list:
     return sorted((root / "wandb").glob("offline-run-*"))
 
@@ -191,17 +208,26 @@ def test_offline_wandb_run_has_run_facts_config_and_final_summary(offline_run):
     for key in ("loss", "train_acc", "test_acc", "examples_per_sec", "wall_time_s"):
         assert isinstance(run["summary"][key], float)
 
-    # Everything that went to wandb is in metrics.jsonl (rows of one step merge in wandb).
-    by_step = {}
+    # Every figure of metrics.jsonl is in wandb's history, and nothing else is: read back by
+    # wandb's own reader.  At an epoch's last step the step row and the epoch row share a wandb
+    # step; their figures are under step/... and epoch/... (docs/records.md), so neither
+    # overwrites the other.
+    history = wandb_history(runs[0])
+    expected = {}
     for r in rows:
-        by_step.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k != "step"})
-    history = {h["_step"]: {k: v for k, v in h.items() if not k.startswith("_")} for h in run["history"]}
-    assert sorted(history) == sorted(by_step)
+        kind = "epoch" if "test_acc" in r else "step"
+        expected.setdefault(r["step"], {}).update({f"{kind}/{k}": v for k, v in r.items() if k != "step"})
+    assert sorted(history) == sorted(expected)
     for step, logged in history.items():
-        assert logged == pytest.approx(by_step[step]), step
+        assert logged == pytest.approx(expected[step], rel=1e-15), step
+    last_of_epoch = STEPS_PER_EPOCH  # the step that has both rows: both losses reach wandb
+    assert {"step/loss", "epoch/loss"} <= set(history[last_of_epoch])
+    assert history[last_of_epoch]["step/loss"] != history[last_of_epoch]["epoch/loss"]
     # MFU reaches wandb in every row and in the summary.
     assert {"mfu", "tflops_per_sec", "flops_per_example"} <= set(run["summary"])
-    assert all({"mfu", "tflops_per_sec"} <= set(logged) for logged in history.values())
+    for r in rows:
+        kind = "epoch" if "test_acc" in r else "step"
+        assert {f"{kind}/mfu", f"{kind}/tflops_per_sec"} <= set(history[r["step"]])
 
 
 @pytest.mark.parametrize("failure", ["unwritable_dir", "init_raises"])

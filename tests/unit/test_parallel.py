@@ -49,8 +49,15 @@ def accelerator(world, local_index=0, device="cuda:0"):
     )
 
 
+def launched(monkeypatch, world: int, rank: int) -> None:
+    """The variables a launcher sets for rank ``rank`` of ``world`` (they are checked together)."""
+    for name, value in {"WORLD_SIZE": world, "RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 1}.items():
+        monkeypatch.setenv(name, str(value))
+
+
 def test_setup_refuses_before_creating_any_process_group(monkeypatch):
     """2 processes on a node with 1 GPU (accelerate would map both ranks to cuda:0)."""
+    launched(monkeypatch, 2, 0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(placement, "process_groups", lambda *a: pytest.fail("groups created before the check"))
@@ -60,6 +67,7 @@ def test_setup_refuses_before_creating_any_process_group(monkeypatch):
 
 
 def test_processes_per_node_from_the_launcher_or_the_local_index(monkeypatch):
+    launched(monkeypatch, 16, 3)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert launch.processes_per_node(accelerator(16, local_index=3)) == 8
     monkeypatch.delenv("LOCAL_WORLD_SIZE")

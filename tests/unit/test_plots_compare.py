@@ -324,6 +324,26 @@ def test_runlog_tracker_failure_warns_once_and_logging_goes_on(tmp_path, capsys,
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"loss": 0.2}
 
 
+def test_runlog_step_and_epoch_rows_of_one_step_reach_wandb_under_distinct_keys(tmp_path):
+    """At an epoch's last step the step row and the epoch row share a wandb step; wandb merges
+    what one step logs into one history row, so nothing of either row may share a key."""
+    acc = FakeAccelerator()
+    log = RunLog(tmp_path / "run", True, acc)
+    log.start_wandb(cfg(), {}, "n")
+    rows = [{"step": 2, "epoch": 1.0, "loss": 0.7, "lr": 0.1}, {**epoch_row(2, 1.0), "loss": 0.6, "lr": 0.1}]
+    for row in rows:
+        log.log(row)
+    merged = {}  # what wandb keeps of step 2
+    for step, values in acc.logged:
+        assert step == 2
+        merged.update(values)
+    assert merged == {
+        "step/epoch": 1.0, "step/loss": 0.7, "step/lr": 0.1,
+        "epoch/epoch": 1.0, "epoch/loss": 0.6, "epoch/lr": 0.1, "epoch/train_acc": 0.5, "epoch/test_acc": 0.4,
+    }  # fmt: skip
+    assert read_jsonl(log.metrics_path) == rows
+
+
 def test_runlog_unwritable_wandb_dir_warns_without_calling_wandb(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "file" / "sub"))

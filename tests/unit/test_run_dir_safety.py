@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from distalex.errors import RunDirError, WriteError
+from distalex.model.alexnet import AlexNetSpec
 from distalex.runtime.io import append_jsonl, atomic_write, write_json
 from distalex.runtime.rundir import LOCK_NAME, claim_output_dir
 from distalex.training import checkpoint
@@ -27,7 +28,7 @@ def tiny_state(step: int) -> dict:
     """A complete distalex state (every field ``read`` checks) with one small tensor."""
     return {
         "format": checkpoint.FORMAT,
-        "spec": {"num_classes": 10},
+        "spec": dict(AlexNetSpec().__dict__),
         "model": {"w": torch.arange(4.0)},
         "momentum": {},
         "schedule": {"lr": 0.1, "best": 1.0, "bad_epochs": 0, "reductions": 0, "kind": "constant"},
