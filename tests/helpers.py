@@ -59,7 +59,8 @@ def free_port() -> int:
 
 
 def cli_env(**extra) -> dict:
-    """The environment of a CLI subprocess: wandb off, one thread, pinned to the CPU
+    """The environment of a CLI subprocess: wandb off, one thread (for what is not torch's:
+    torch's count in training runs is train.threads, see launch_cmd), pinned to the CPU
     (so the multi-process tests run unchanged on a machine with one GPU)."""
     env = dict(os.environ)
     env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
@@ -68,7 +69,12 @@ def cli_env(**extra) -> dict:
 
 
 def launch_cmd(nprocs: int, *args, extra_launch=(), script=TRAIN) -> list:
-    """The command users type: plain python for 1 process, accelerate launch for more."""
+    """The command users type: plain python for 1 process, accelerate launch for more.
+    Training runs get one thread per process first (an override of the test's own wins):
+    distalex applies train.threads whatever OMP_NUM_THREADS says, and the tests run one per
+    core (xdist), where two threads per run oversubscribe the cores."""
+    if script == TRAIN:
+        args = ("train.threads=1", *args)
     if nprocs == 1:
         return [sys.executable, script, *args]
     return [

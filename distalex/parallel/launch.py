@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from distalex.config import TrainConfig
 from distalex.parallel.ddp import DDPOptions
-from distalex.runtime import determinism
+from distalex.runtime import determinism, threads
 from distalex.runtime.elastic import init_for_restarts
 from distalex.runtime.precision import resolve_precision
 
@@ -53,7 +53,7 @@ def make_accelerator(train: TrainConfig, ddp: DDPOptions, timeout: timedelta, lo
 
 def processes_per_node(accelerator) -> int:
     """Processes of this job on this node (the launcher says; at least this rank's local index + 1)."""
-    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "0")), accelerator.local_process_index + 1)
+    return max(threads.local_processes(), accelerator.local_process_index + 1)
 
 
 def shutdown() -> None:
