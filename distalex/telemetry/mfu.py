@@ -37,13 +37,9 @@ class Utilization:
     def run_info(self) -> dict:
         info = {"flops_per_example": self.flops_per_example}
         if self.peak_tflops:
-            info.update(
-                {
-                    "peak_tflops_per_process": self.peak_tflops,
-                    "peak_source": self.peak_source,
-                    "peak_precision": self.peak_precision,
-                }
-            )
+            info.update({"peak_tflops_per_process": self.peak_tflops, "peak_source": self.peak_source})
+            if self.peak_precision is not None:  # None: train.peak_tflops, the user's figure
+                info["peak_precision"] = self.peak_precision
         return info
 
 

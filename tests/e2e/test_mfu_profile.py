@@ -38,6 +38,7 @@ def test_every_record_carries_tflops_and_mfu(runs, mode):
     if mode == "model-parallel":
         run = "bf16" if s["mixed_precision"] == "bf16" else "fp32"
         assert peak == 0.05 and s["peak_source"] == f"train.peak_tflops, for a {run} run"
+        assert "peak_precision" not in s  # the user's figure, of whatever arithmetic they meant
     else:
         # The peak of the precision the run trains in ("auto" resolved), at its thread count.
         assert s["peak_precision"] == ("bf16" if s["mixed_precision"] == "bf16" else "fp32")
