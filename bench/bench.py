@@ -24,7 +24,8 @@ accuracy on the first ``test_limit`` test images; plain SGD lr 0.01 as d2l.
   (i) fsdp       distalex, 2 processes, fully sharded (FSDP2, one unit per layer)
 
 At equal total cores: a one-process row gets all cores as threads, each of the two
-processes of (c)/(d)/(f)/(h)/(i) gets half of them (OMP_NUM_THREADS).  Figures per row:
+processes of (c)/(d)/(f)/(h)/(i) gets half of them (train.threads; the baseline:
+OMP_NUM_THREADS).  Figures per row:
 
   train      training examples/sec over the training steps only, as d2l counts them
              (distalex: its summary.json; baseline: d2l's Timer), first step included
@@ -283,8 +284,10 @@ def run_distalex(
             f"train.max_steps={sched['steps']}",
             f"train.batch_size={BATCH}",
         ]
-    args += overrides
     threads = max(1, cores() // nprocs)
+    # distalex sets its thread count from train.threads whatever OMP_NUM_THREADS says (launchers
+    # overwrite that variable); the environment's stays for the baseline and anything else.
+    args += [f"train.threads={threads}", *overrides]
     if nprocs == 1:
         cmd = [sys.executable, TRAIN, *args]
     else:
@@ -334,6 +337,8 @@ def run_distalex(
             "train_examples": examples,
             "wall_time_s": s["wall_time_s"],
             "mixed_precision": s.get("mixed_precision"),
+            # The count the run trained with (a --set train.threads=N wins over the row's share).
+            "threads_per_process": s.get("threads", threads),
             "towers": s.get("towers"),
             "world_size": s.get("world_size"),
             "flops_per_example": s.get("flops_per_example"),

@@ -26,10 +26,13 @@ PREDICT = str(ROOT / "launch" / "predict.py")
 EXPORT = str(ROOT / "launch" / "export.py")
 TINY = str(ROOT / "configs" / "tiny.yaml")
 PAPER = str(ROOT / "configs" / "paper_imagenet.yaml")
+# One CPU thread per training process: the suite runs one test file per core (xdist), and
+# distalex sets train.threads whatever OMP_NUM_THREADS says (auto would take every core).
+ONE_THREAD = "train.threads=1"
 # A few seconds per run on 2 cores: 1/8-width network, 67x67 images, small subsets.
 QUICK = [
     "--config", TINY, "tracking.wandb=false", "train.progress=false",
-    "data.train_limit=1024", "data.test_limit=256", "train.batch_size=32",
+    "data.train_limit=1024", "data.test_limit=256", "train.batch_size=32", ONE_THREAD,
 ]  # fmt: skip
 
 # The placement comparisons' runs (test_placements, test_comm_hooks): fp32 (the invariance is
@@ -59,7 +62,8 @@ def free_port() -> int:
 
 
 def cli_env(**extra) -> dict:
-    """The environment of a CLI subprocess: wandb off, one thread, pinned to the CPU
+    """The environment of a CLI subprocess: wandb off, one thread (torch's, in training runs,
+    is train.threads: ONE_THREAD), pinned to the CPU
     (so the multi-process tests run unchanged on a machine with one GPU)."""
     env = dict(os.environ)
     env.update({"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
@@ -68,7 +72,10 @@ def cli_env(**extra) -> dict:
 
 
 def launch_cmd(nprocs: int, *args, extra_launch=(), script=TRAIN) -> list:
-    """The command users type: plain python for 1 process, accelerate launch for more."""
+    """The command users type: plain python for 1 process, accelerate launch for more.
+    Training runs start with ONE_THREAD (a train.threads of the test's own comes later and wins)."""
+    if script == TRAIN:
+        args = (ONE_THREAD, *args)
     if nprocs == 1:
         return [sys.executable, script, *args]
     return [

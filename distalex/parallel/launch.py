@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import os
 import re
 import socket
 import time
@@ -16,7 +15,7 @@ import torch.distributed as dist
 from distalex.config import TrainConfig
 from distalex.errors import RendezvousFailure, RunFailure
 from distalex.parallel.ddp import DDPOptions
-from distalex.runtime import determinism
+from distalex.runtime import determinism, threads
 from distalex.runtime.elastic import init_for_restarts
 from distalex.runtime.launcher import launcher_env
 from distalex.runtime.precision import resolve_precision
@@ -81,9 +80,7 @@ def reach_rendezvous(env, timeout: timedelta) -> None:
 
 def processes_per_node(accelerator) -> int:
     """Processes of this job on this node (the launcher says; at least this rank's local index + 1)."""
-    env = launcher_env()
-    given = env.local_world_size if "LOCAL_WORLD_SIZE" in os.environ else 0
-    return max(given, accelerator.local_process_index + 1)
+    return max(threads.local_processes(), accelerator.local_process_index + 1)
 
 
 def shutdown() -> None:

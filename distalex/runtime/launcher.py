@@ -118,6 +118,16 @@ def launcher_env(env: Mapping[str, str] | None = None) -> LauncherEnv:
     )
 
 
+def local_processes(env: Mapping[str, str] | None = None) -> int:
+    """The job's processes on this node: ``LOCAL_WORLD_SIZE`` where the launcher gives it,
+    otherwise at least this process's local ranks 0..LOCAL_RANK (1 without a launcher)."""
+    env = os.environ if env is None else env
+    job = launcher_env(env)
+    if job.world_size == 1:
+        return 1
+    return job.local_world_size if env.get("LOCAL_WORLD_SIZE") is not None else job.local_rank + 1
+
+
 def is_main_process() -> bool:
     """Whether this process prints the job's lines (rank 0).  With a bad launcher environment
     every process is (the error must be seen, and no rank can speak for the others)."""

@@ -19,6 +19,7 @@ from distalex.errors import CheckpointError, ConfigError
 from distalex.parallel.ddp import DDPOptions
 from distalex.parallel.launch import group_timeout, make_accelerator
 from distalex.parallel.placement import make_placement
+from distalex.runtime import threads
 from distalex.runtime.io import write_json
 from distalex.runtime.rundir import claim_dir, refuse_reuse
 from distalex.serving.loaded import Loaded, reference_model
@@ -48,6 +49,7 @@ def evaluate_checkpoint(loaded: Loaded, output_dir: Path, overwrite: bool) -> di
         )
     timeout = group_timeout(cfg.train)
     ddp = DDPOptions.from_config(cfg.ddp, spec, gloo=not torch.cuda.is_available())
+    threads.configure(cfg.train.threads)  # launchers overwrite OMP_NUM_THREADS (runtime/threads.py)
     accelerator = make_accelerator(cfg.train, ddp, timeout)
     placement = make_placement(cfg.split_mode, spec, cfg.train.batch_size, ddp, timeout, accelerator)
     warn = main_process_printer(placement)

@@ -24,6 +24,7 @@ class Utilization:
     processes: int  # the world size: every process adds one device's peak
     peak_tflops: float | None = None  # per process; None: MFU unknown
     peak_source: str | None = None
+    peak_precision: str | None = None  # the arithmetic the peak is of (None: train.peak_tflops)
 
     def figures(self, examples_per_sec: float) -> dict:
         """``tflops_per_sec`` and (with a peak) ``mfu`` at ``examples_per_sec`` (global)."""
@@ -37,16 +38,22 @@ class Utilization:
         info = {"flops_per_example": self.flops_per_example}
         if self.peak_tflops:
             info.update({"peak_tflops_per_process": self.peak_tflops, "peak_source": self.peak_source})
+            if self.peak_precision is not None:  # None: train.peak_tflops, the user's figure
+                info["peak_precision"] = self.peak_precision
         return info
 
 
-def for_run(train: TrainConfig, placement) -> tuple[Utilization, str]:
-    """This run's utilisation figures and the line that tells where its peak comes from."""
-    peak, line = device_peak(placement.device, train.mixed_precision, train.peak_tflops)
+def for_run(train: TrainConfig, placement, precision: str) -> tuple[Utilization, str]:
+    """This run's utilisation figures and the line that tells where its peak comes from.
+
+    ``precision``: what this process trains in, resolved on its own device (the
+    accelerator's ``mixed_precision``), not the config's ``auto``."""
+    peak, line = device_peak(placement.device, precision, train.peak_tflops)
     util = Utilization(
         flops_per_example=training_flops(placement.spec),
         processes=placement.mesh.world_size,
         peak_tflops=None if peak is None else peak.tflops,
         peak_source=None if peak is None else peak.source,
+        peak_precision=None if peak is None else peak.precision,
     )
     return util, line

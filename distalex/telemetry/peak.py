@@ -50,13 +50,15 @@ GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
 ]
 
 PROBE_SIZES = (256, 512, 1024, 2048)
+RESOLVED_PRECISIONS = ("no", "bf16", "fp16")
 PROBE_BUDGET_S = 0.8
 
 
 @dataclass(frozen=True)
 class Peak:
     tflops: float  # per device (GPU) or per process at its thread count (CPU)
-    source: str  # where the figure comes from, printed at start-up
+    source: str  # where the figure comes from, printed at start-up; names the precision
+    precision: str | None = None  # the arithmetic it is the peak of (bf16, fp16, tf32, fp32); None: the user's
 
     def describe(self) -> str:
         return f"peak {self.tflops:.4g} TFLOP/s per process ({self.source})"
@@ -67,7 +69,7 @@ def gpu_peak(name: str, precision: str, tf32: bool = True) -> Peak | None:
     key = precision if precision in ("bf16", "fp16") else ("tf32" if tf32 else "fp32")
     for pattern, card, peaks in GPU_PEAKS:
         if re.search(pattern, name):
-            return Peak(peaks[key], f"datasheet, {card}, dense {key}")
+            return Peak(peaks[key], f"datasheet, {card}, dense {key}", key)
     return None
 
 
@@ -126,7 +128,7 @@ def cpu_peak(precision: str, threads: int | None = None, path: Path | None = Non
     cache = _read_cache(path)
     what = f"{name} matmul on {model}, {threads} thread{'s' if threads != 1 else ''}"
     if key in cache:
-        return Peak(cache[key], f"measured {what}; cached in {path}")
+        return Peak(cache[key], f"measured {what}; cached in {path}", name)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -144,7 +146,7 @@ def cpu_peak(precision: str, threads: int | None = None, path: Path | None = Non
             where = f"cached in {path}"
         except OSError as exc:
             where = f"not cached: {path}: {exc.strerror or exc}"
-    return Peak(tflops, f"measured {what} just now; {where}")
+    return Peak(tflops, f"measured {what} just now; {where}", name)
 
 
 def _busy() -> str | None:
@@ -175,9 +177,16 @@ def _read_cache(path: Path) -> dict[str, float]:
 
 
 def device_peak(device: torch.device, precision: str, override: float | None = None) -> tuple[Peak | None, str]:
-    """(peak, the line to print at start-up) for one process of the run on ``device``."""
+    """(peak, the line to print at start-up) for one process of the run on ``device``.
+
+    ``precision`` is the one the process trains in (``no``, ``bf16``, ``fp16``), already
+    resolved on ``device`` (distalex/runtime/precision.py); ``auto`` is refused, since the
+    peak of an unresolved ``auto`` is fp32's and a bf16 run's MFU would read ~2.5x high."""
+    if precision not in RESOLVED_PRECISIONS:
+        raise ValueError(f"the peak needs the precision the run trains in ({RESOLVED_PRECISIONS}), got {precision!r}")
     if override:
-        peak = Peak(float(override), "train.peak_tflops")
+        run = "fp32" if precision == "no" else precision
+        peak = Peak(float(override), f"train.peak_tflops, for a {run} run")
         return peak, peak.describe()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -23,7 +23,7 @@ from distalex.model.alexnet import spec_from_config
 from distalex.parallel.ddp import DDPOptions
 from distalex.parallel.launch import group_timeout, make_accelerator
 from distalex.parallel.placement import Placement, make_placement
-from distalex.runtime import determinism
+from distalex.runtime import determinism, threads
 from distalex.runtime.elastic import restart_count
 from distalex.runtime.hostmem import keep_freed_memory
 from distalex.runtime.rundir import RunDirLock, claim_output_dir, prepare_output_dir
@@ -70,6 +70,8 @@ class Run:
 def build_run(cfg) -> Run:
     """The finished run for ``cfg``; on any failure the output dir is released again."""
     started = time.perf_counter()
+    # First: launchers overwrite OMP_NUM_THREADS, so the config decides (runtime/threads.py).
+    thread_count = threads.configure(cfg.train.threads)
     spec = spec_from_config(cfg)
     spec.check()
     timeout = group_timeout(cfg.train)
@@ -92,20 +94,21 @@ def build_run(cfg) -> Run:
     # the kernel when the process dies).
     run_dir = claim_output_dir(cfg.train, placement)
     try:
-        return _build(cfg, accelerator, placement, run_dir, started)
+        return _build(cfg, accelerator, placement, run_dir, started, thread_count)
     except BaseException:
         run_dir.release()
         raise
 
 
-def _build(cfg, accelerator, p: Placement, run_dir: RunDirLock, started: float) -> Run:
+def _build(cfg, accelerator, p: Placement, run_dir: RunDirLock, started: float, thread_count) -> Run:
     warn = main_process_printer(p)
     # Everything that can refuse the run does so before anything is written.
     resume_path, saved = read_resume_checkpoint(cfg, p, warn)
     data = load_data(cfg, p, warn)
     prepare_output_dir(cfg.train, resume_path, p, notify=warn)
-    utilization, peak_line = for_run(cfg.train, p)
-    accelerator.print(f"distalex: {peak_line}")
+    # The peak of the precision this process trains in: "auto" resolved on its own device.
+    utilization, peak_line = for_run(cfg.train, p, accelerator.mixed_precision)
+    accelerator.print(f"distalex: {peak_line}; training with {thread_count.describe()}")
 
     state = fresh_state(p, accelerator, cfg.model.init, cfg.optim, cfg.train)
     last_eval: dict = {}
@@ -121,7 +124,7 @@ def _build(cfg, accelerator, p: Placement, run_dir: RunDirLock, started: float) 
     log = RunLog(cfg.train.output_dir, p.is_main, accelerator, plots=cfg.tracking.plots)
     if saved is not None:
         log.trim_after(state.position.step, carried=last_eval)
-    info = run_info(cfg, p, accelerator, utilization)
+    info = run_info(cfg, p, accelerator, utilization, thread_count)
     name = run_name(cfg, p.mesh.world_size, info["device"], info["mixed_precision"])
     log.start_wandb(cfg, {**info, "config": to_container(cfg)}, name)
     t = cfg.train
@@ -206,8 +209,8 @@ def restore(saved: dict, path: Path, placement, state: TrainingState, accelerato
     return dict(saved.get("last_eval") or {})
 
 
-def run_info(cfg, placement, accelerator, utilization) -> dict:
-    """What the run is (placement, precision, determinism, device, peak): the head of
+def run_info(cfg, placement, accelerator, utilization, thread_count) -> dict:
+    """What the run is (placement, precision, determinism, device, threads, peak): the head of
     summary.json and of the wandb run's config."""
     p = placement
     device = torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else "cpu"
@@ -223,6 +226,8 @@ def run_info(cfg, placement, accelerator, utilization) -> dict:
         **determinism.describe(),
         "global_batch": cfg.train.batch_size,
         "device": device,
+        "threads": torch.get_num_threads(),  # what each process computes with (train.threads)
+        "usable_cores": thread_count.cores,
         **utilization.run_info(),
     }
 

@@ -36,9 +36,14 @@ def test_every_record_carries_tflops_and_mfu(runs, mode):
     peak = s["peak_tflops_per_process"]
     assert peak > 0
     if mode == "model-parallel":
-        assert peak == 0.05 and s["peak_source"] == "train.peak_tflops"
+        run = "bf16" if s["mixed_precision"] == "bf16" else "fp32"
+        assert peak == 0.05 and s["peak_source"] == f"train.peak_tflops, for a {run} run"
+        assert "peak_precision" not in s  # the user's figure, of whatever arithmetic they meant
     else:
-        assert "matmul" in s["peak_source"]
+        # The peak of the precision the run trains in ("auto" resolved), at its thread count.
+        assert s["peak_precision"] == ("bf16" if s["mixed_precision"] == "bf16" else "fp32")
+        assert s["peak_source"].startswith(f"measured {s['peak_precision']} matmul on ")
+        assert f", {s['threads']} thread" in s["peak_source"]
     rows = metrics(runs[mode])
     assert len([r for r in rows if "test_acc" not in r]) == STEPS // 2 and any("test_acc" in r for r in rows)
     for r in [*rows, s]:

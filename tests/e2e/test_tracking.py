@@ -15,7 +15,7 @@ import torch
 
 from distalex.runtime.precision import resolve_precision
 
-from helpers import ROOT, TINY, TRAIN, cli_env, metrics, png_size, summary
+from helpers import ONE_THREAD, ROOT, TINY, TRAIN, cli_env, metrics, png_size, summary
 
 COMPARE = str(ROOT / "launch" / "compare.py")
 SCRIPT = str(ROOT / "launch" / "compare_placements.sh")
@@ -31,6 +31,7 @@ TINY_RUN = [
     "train.batch_size=32",
     f"train.epochs={EPOCHS}",
     f"train.log_every={LOG_EVERY}",
+    ONE_THREAD,
 ]
 RUN_FACTS = ("split_mode", "world_size", "replicas", "towers", "mixed_precision", "global_batch", "device")
 

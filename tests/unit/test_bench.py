@@ -56,3 +56,28 @@ def test_mfu_columns_use_one_peak_per_precision_and_thread_count(monkeypatch):
     assert math.isclose(rows["c"]["mfu"], 0.25 / (2 * 0.1)) and "mfu_steady" not in rows["c"]
     assert "mfu" not in rows["z"]
     assert sorted(calls) == sorted(peaks)  # each peak once
+
+
+@pytest.mark.parametrize("trains", ["bf16", "no"])
+def test_the_benchmark_and_the_runs_own_mfu_agree(monkeypatch, trains):
+    """A row's MFU (bench.add_mfu, from the summary's resolved precision and thread count) equals
+    the one the run logged itself (telemetry/mfu.py, which compare.py shows): one peak for both."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from distalex.config import load_config
+    from distalex.telemetry import peak as peak_mod
+    from distalex.telemetry.mfu import for_run
+
+    rates = {"bf16": 0.4, "no": 0.1}
+    monkeypatch.setattr(peak_mod, "cpu_peak", lambda precision: peak_mod.Peak(rates[precision], "test", precision))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = AlexNetSpec(width=0.125, image_size=67)
+    placement = SimpleNamespace(device=torch.device("cpu"), spec=spec, mesh=SimpleNamespace(world_size=1))
+    util, _ = for_run(load_config(None, []).train, placement, trains)  # the config says auto
+    logged = util.figures(100.0)["mfu"]
+    row = {"train": 100.0, "processes": 1, "threads_per_process": torch.get_num_threads()}
+    row.update(mixed_precision=trains, flops_per_example=util.flops_per_example)  # what bench reads back
+    bench.add_mfu({"b": row}, {"image_size": 67})
+    assert math.isclose(row["mfu"], logged, rel_tol=1e-12)

@@ -6,6 +6,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distalex.telemetry import peak as peak_mod
 from distalex.telemetry.mfu import Utilization
@@ -126,3 +128,104 @@ def test_utilization_figures():
     assert math.isclose(fig["mfu"], 0.5 / 0.8)
     assert Utilization(5_000_000_000, 2).figures(100.0) == {"tflops_per_sec": 0.5}
     assert "peak_tflops_per_process" not in Utilization(1, 1).run_info()
+
+
+# ------------------------------------------------------- the peak of the precision a run trains in
+
+
+@pytest.mark.parametrize(("native", "trains", "peak_precision"), [(True, "bf16", "bf16"), (False, "no", "fp32")])
+def test_an_auto_run_is_measured_against_the_peak_of_the_precision_it_trains_in(
+    tmp_path, monkeypatch, native, trains, peak_precision
+):
+    """train.mixed_precision=auto on a CPU whose capabilities say bf16 (or not): the run as
+    build_run puts it together looks its peak up at the precision auto resolved to, not fp32's."""
+    from accelerate.state import AcceleratorState
+
+    from distalex.config import load_config
+    from distalex.runtime import precision
+    from distalex.training.build import build_run
+
+    from helpers import TINY
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: native)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rates = {torch.bfloat16: 0.4, torch.float32: 0.1}  # distinct, so the figure shows which was taken
+    monkeypatch.setattr(peak_mod, "measure_matmul_tflops", lambda dtype, *a, **k: rates[dtype])
+    cfg = load_config(
+        TINY,
+        [
+            "data.name=synthetic",
+            "data.synthetic_train_size=64",
+            "data.synthetic_test_size=32",
+            "train.batch_size=32",
+            "tracking.wandb=false",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    assert cfg.train.mixed_precision == "auto"
+    before = torch.get_num_threads()
+    AcceleratorState._reset_state(True)
+    run = build_run(cfg)
+    try:
+        info = run.run_info
+    finally:
+        run.close()
+        AcceleratorState._reset_state(True)
+        torch.set_num_threads(before)
+    assert info["mixed_precision"] == trains
+    assert info["peak_precision"] == peak_precision
+    assert info["peak_tflops_per_process"] == rates[torch.bfloat16 if trains == "bf16" else torch.float32]
+    assert info["peak_source"].startswith(f"measured {peak_precision} matmul on ")
+    assert f", {info['threads']} thread" in info["peak_source"]  # measured at the count the run trains with
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    precision=st.sampled_from(["no", "bf16", "fp16"]),
+    card=st.sampled_from([None, *[card for _, card, _ in peak_mod.GPU_PEAKS]]),  # None: a CPU
+    tf32=st.booleans(),
+)
+def test_the_peak_is_of_the_precision_the_process_trains_in(precision, card, tf32):
+    """Any resolved precision on any known device: the peak's precision is that one (tf32 or fp32
+    for an fp32 GPU run, fp32 for a CPU's fp32 run) and its source says so."""
+    from types import SimpleNamespace
+
+    from distalex.config import load_config
+    from distalex.model.alexnet import AlexNetSpec
+    from distalex.telemetry.mfu import for_run
+
+    train = load_config(None, []).train
+    placement = SimpleNamespace(
+        device=torch.device("cpu") if card is None else torch.device("cuda", 0),
+        spec=AlexNetSpec(width=0.125, image_size=67),
+        mesh=SimpleNamespace(world_size=1),
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "get_device_name", lambda device=None: card)
+        mp.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        # The real cpu_peak, measuring nothing and caching nowhere.
+        mp.setattr(peak_mod, "measure_matmul_tflops", lambda *a, **k: 1.0)
+        mp.setattr(peak_mod, "_read_cache", lambda path: {})
+        mp.setattr(peak_mod, "write_json", lambda *a, **k: None)
+        util, line = for_run(train, placement, precision)
+    if card is None:
+        expected = "bf16" if precision == "bf16" else "fp32"
+    else:
+        expected = precision if precision != "no" else ("tf32" if tf32 else "fp32")
+    assert util.peak_precision == expected
+    assert expected in util.peak_source and expected in line
+
+
+def test_an_unresolved_auto_has_no_peak():
+    """The config's "auto" is not a precision a process trains in: looking its peak up is refused."""
+    with pytest.raises(ValueError, match="'auto'"):
+        device_peak(torch.device("cpu"), "auto")
+    with pytest.raises(ValueError, match="'auto'"):
+        device_peak(torch.device("cpu"), "auto", override=1.0)
+
+
+def test_an_override_names_the_precision_of_the_run():
+    peak, _ = device_peak(torch.device("cpu"), "no", override=2.5)
+    assert peak.source == "train.peak_tflops, for a fp32 run" and peak.precision is None
