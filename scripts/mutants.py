@@ -56,9 +56,13 @@ LOOP = [
 REPLICAS = [*LOOP, "tests/e2e/test_imagefolder_training.py", "tests/distributed/test_placements.py"]
 RESUME = [
     "tests/unit/test_schedule.py",
-    "tests/e2e/test_reliability.py::test_sigkill_then_resume_matches_uninterrupted_run",
+    "tests/e2e/test_reliability.py::test_kill_at_every_instant_of_a_step_then_resume_gives_the_uninterrupted_records",
     "tests/e2e/test_reliability.py::test_sigterm_checkpoints_and_resume_continues",
     "tests/distributed/test_placements.py::test_checkpoints_round_trip_across_placements",
+]
+RECORDS = [
+    "tests/unit/test_resume_records.py",
+    "tests/e2e/test_reliability.py::test_kill_at_every_instant_of_a_step_then_resume_gives_the_uninterrupted_records",
 ]
 PLAN = [
     "tests/unit/test_data.py",
@@ -204,8 +208,8 @@ MUTANTS = [
     Mutant(
         "examples-per-sec-per-replica",
         "distalex/training/meters.py",
-        "float(self._epoch[2].item()) * self.placement.mesh.replicas / max(self.train_time, 1e-9)",
-        "float(self._epoch[2].item()) / max(self.train_time, 1e-9)",
+        "examples_per_sec=self.examples_per_sec(seen),",
+        "examples_per_sec=self.examples_per_sec(float(self._epoch[2].item())),",
         REPLICAS,
         "examples/sec counts one replica's examples instead of the global batch's",
     ),
@@ -299,6 +303,22 @@ MUTANTS = [
         "",
         RESUME,
         "a resumed run trains at the config's rate until the next epoch end",
+    ),
+    Mutant(
+        "rank-0-figures-on-every-rank",
+        "distalex/training/checkpoint.py",
+        "        mine = meters[placement.rank]\n",
+        "        mine = meters[0]\n",
+        RECORDS,
+        "every rank resumes with rank 0's running figures: the epoch row after a mid-epoch resume is wrong",
+    ),
+    Mutant(
+        "stale-epoch-row-kept-on-resume",
+        "distalex/telemetry/records.py",
+        "                if r != carried or seen_carried:\n",
+        "                if seen_carried:\n",
+        RECORDS,
+        "an epoch row logged after its step's checkpoint is kept on resume and logged again",
     ),
 ]
 

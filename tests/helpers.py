@@ -165,6 +165,17 @@ def signal_at_step_cmd(tmp_path, nprocs: int, step: int, signum: int, *args, ran
     return cmd[:i] + [str(script), str(step), str(int(signum)), str(rank)] + cmd[i + 1 :]
 
 
+KILL_AT_WRITE = str(ROOT / "tests" / "kill_at_write.py")
+
+
+def kill_at_write_cmd(nprocs: int, instant: str, *args) -> list:
+    """The command users type, with the main process SIGKILLed right after the write
+    ``instant`` names (tests/kill_at_write.py lists them: ``row@8``, ``curves@8``, ...)."""
+    cmd = launch_cmd(nprocs, *args)
+    i = cmd.index(TRAIN)
+    return cmd[:i] + [KILL_AT_WRITE, instant] + cmd[i + 1 :]
+
+
 def wait_for_step(proc, run_dir, step, timeout=240):
     """Until metrics.jsonl has a row of ``step`` or later; fails if the run ends first."""
     deadline = time.time() + timeout
@@ -226,6 +237,15 @@ def assert_same_losses(a, b, steps: int = EXACT_STEPS) -> None:
 
 def metrics(run_dir) -> list:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+# Row fields that are measured (or derived from a measurement): the only ones a resumed run's
+# rows may differ in from the uninterrupted run's.
+TIMING = ("examples_per_sec", "tflops_per_sec", "mfu", "epoch_time_s")
+
+
+def rows_without_timing(run_dir) -> list:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics(run_dir)]
 
 
 def step_losses(run_dir) -> dict:

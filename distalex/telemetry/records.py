@@ -28,6 +28,11 @@ def _clean(row: dict) -> dict:
     return out
 
 
+def is_evaluation_row(row: dict) -> bool:
+    """An epoch's row (evaluated: it has ``test_acc``), as opposed to a step row."""
+    return "test_acc" in row
+
+
 class RunLog:
     """metrics.jsonl + summary.json + curves.png + wandb, on the main process only."""
 
@@ -54,22 +59,37 @@ class RunLog:
 
     # -- local records ----------------------------------------------------------------
     def trim_after(self, step: int, carried: dict | None = None) -> None:
-        """On resume: drop rows logged after the checkpoint (they will be logged again) and a
-        torn last line; put back ``carried``, the checkpoint's last evaluation row, if the
-        file lost it (so the records end as the uninterrupted run's)."""
+        """On resume: make the records what they were when the checkpoint of ``step`` was
+        written, so the resumed run logs every later row exactly once.
+
+        Dropped: rows logged after that step, a torn last line, and an evaluation row *of*
+        that step that the checkpoint does not carry -- it was logged after the checkpoint
+        (a step checkpoint at an epoch's last step, then the epoch row, then a kill before
+        the epoch's own checkpoint), and the resumed run evaluates that step again.  Put
+        back: ``carried``, the checkpoint's last evaluation row, if the file lost it."""
         if not self.is_main:
             return
         rows = []
         if self.metrics_path.exists():
             try:
-                rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
+                rows = read_jsonl(self.metrics_path)
             except ValueError as exc:
                 raise RunDirError(f"cannot resume the records: {exc}; repair or remove that line") from None
-        if carried and carried.get("step", step + 1) <= step:
-            row = _clean(carried)
-            if row not in rows:
-                at = sum(1 for r in rows if r.get("step", 0) <= row["step"])
-                rows.insert(at, row)
+        carried = _clean(carried) if carried else None
+        kept, seen_carried = [], False
+        for r in rows:
+            at = r.get("step", 0)
+            if at > step:
+                continue
+            if at == step and is_evaluation_row(r):
+                # of this step: only the checkpoint's own evaluation row, once
+                if r != carried or seen_carried:
+                    continue
+                seen_carried = True
+            kept.append(r)
+        if carried and carried.get("step", step + 1) <= step and carried not in kept:
+            kept.insert(sum(1 for r in kept if r.get("step", 0) <= carried["step"]), carried)
+        rows = kept
         if rows or self.metrics_path.exists():
             write_jsonl(self.metrics_path, rows)
         for r in rows:
@@ -83,7 +103,7 @@ class RunLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         append_jsonl(self.metrics_path, row)
         self.tracker.log(row)
-        if self.plots and "test_acc" in row:
+        if self.plots and is_evaluation_row(row):
             self.write_curves()
 
     def latest(self, keys) -> dict:

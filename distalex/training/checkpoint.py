@@ -52,6 +52,9 @@ SUFFIX = ".safetensors"
 NAME = re.compile(r"^step_(\d{9})\.safetensors$")
 LEGACY_NAME = re.compile(r"^step_(\d{9})\.pt$")
 META_KEY = "distalex"
+# stats.meter: rank 0's epoch figures (all earlier versions read); stats.meters: every rank's.
+LEGACY_METER = ("loss_sum", "correct", "seen", "train_time")
+RANK_METER = (*LEGACY_METER, "interval_loss", "interval_steps", "exchange_bytes", "replica")
 HEADER_LIMIT = 16 << 20  # bytes of safetensors header read to recognise a checkpoint (a real one: a few KB)
 TENSOR_GROUPS = ("model", "momentum")
 # Spec fields that change the parameters' shapes or meaning; dropout does not.
@@ -229,6 +232,17 @@ def _all_ranks(obj, world_size: int):
     return out
 
 
+def rank_meter(placement, state: TrainingState) -> dict:
+    """This rank's running figures as a checkpoint stores them (``stats.meters[rank]``): the
+    meter's unreduced sums, the exchange bytes counted since the last step row (so that row's
+    bytes per step cover the same steps as its loss), and the replica they belong to."""
+    return {
+        **state.meter.state_dict(),
+        "exchange_bytes": placement.exchange_stats.bytes_sent,
+        "replica": placement.replica,
+    }
+
+
 def momentum_buffers(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
     buffers = {}
     for name, p in unwrap(model).named_parameters():
@@ -246,7 +260,11 @@ def build_state(placement, state: TrainingState, config: dict, last_eval: dict |
     ``classes``: the data's class names in label order (what predictions are called)."""
     tensors = placement.full_tensors(dict(state.model.state_dict()))
     momentum = placement.full_tensors(momentum_buffers(state.model, state.optimizer))
-    rng = _all_ranks(_rng_state(placement.device), placement.mesh.world_size)
+    # Every rank's RNG streams and running figures, gathered unreduced (one collective).
+    ranks = _all_ranks(
+        {"rng": _rng_state(placement.device), "meter": rank_meter(placement, state)}, placement.mesh.world_size
+    )
+    rng = [r["rng"] for r in ranks]
     totals = dataclasses.asdict(state.totals)
     return {
         "format": FORMAT,
@@ -257,7 +275,12 @@ def build_state(placement, state: TrainingState, config: dict, last_eval: dict |
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "rng": rng,
         "position": dataclasses.asdict(state.position),
-        "stats": {"meter": state.meter.state_dict(), "totals": totals},
+        "stats": {
+            # rank 0's epoch figures, as earlier versions wrote and read them
+            "meter": {k: ranks[0]["meter"][k] for k in LEGACY_METER},
+            "meters": [r["meter"] for r in ranks],  # every rank's, by rank (restored per rank)
+            "totals": totals,
+        },
         "last_eval": dict(last_eval or {}),
         "classes": list(classes) if classes is not None else None,
         "config": config,
@@ -473,15 +496,41 @@ def _restore(saved: dict, placement, state: TrainingState) -> bool:
         state.scaler.load_state_dict(saved["scaler"])
     state.position = Position(**saved["position"])
     state.totals = Totals(**saved["stats"]["totals"])
-    state.meter.load_state_dict(saved["stats"]["meter"])
     same = (
         saved["placement"].get("world_size") == placement.mesh.world_size
         and saved["placement"].get("split_mode") == placement.split_mode
         and len(saved["rng"]) == placement.mesh.world_size
     )
+    meter, exchange_bytes = meter_for_rank(saved, placement, same)
+    state.meter.load_state_dict(meter)
+    placement.exchange_stats.bytes_sent = exchange_bytes
     if same:
         _set_rng_state(saved["rng"][placement.rank], placement.device)
     return same
+
+
+def meter_for_rank(saved: dict, placement, same: bool) -> tuple[dict, int]:
+    """This rank's running figures from a checkpoint, and its exchange bytes since the last row.
+
+    * Written by this placement (same split mode, world size and replicas): rank r gets
+      exactly what rank r saved, so the resumed rows are the uninterrupted run's to the bit.
+    * Written by another placement: the epoch's sums of the saved replicas are added into
+      this run's replicas (saved replica i into replica i mod R), so the epoch row covers
+      every example the epoch has seen; the interval since the last step row starts afresh
+      (its exchange bytes were counted by the other placement's exchanges).
+    * Written before every rank's figures were saved: rank 0's, on every rank (as then)."""
+    meters = saved["stats"].get("meters")
+    if meters is None:
+        return saved["stats"]["meter"], 0
+    if same and saved["placement"].get("replicas") == placement.mesh.replicas:
+        mine = meters[placement.rank]
+        return {k: mine[k] for k in RANK_METER if k not in ("exchange_bytes", "replica")}, mine["exchange_bytes"]
+    first_of_replica: dict[int, dict] = {}
+    for m in meters:  # the ranks of one replica (its towers or stages) hold the same figures
+        first_of_replica.setdefault(m["replica"], m)
+    mine = [m for i, m in sorted(first_of_replica.items()) if i % placement.mesh.replicas == placement.replica]
+    sums = {k: sum((m[k] for m in mine), 0.0) for k in ("loss_sum", "correct", "seen")}
+    return {**sums, "train_time": meters[0]["train_time"]}, 0
 
 
 def load_reference(path: str) -> nn.Module:

@@ -208,7 +208,31 @@ POSITION = obj({"epoch": (integer(), REQUIRED), "batch": (integer(), REQUIRED), 
 # The training meter's running sums of the epoch so far (TrainMeter.state_dict()).
 METER = obj({k: (_finite(), REQUIRED) for k in ("loss_sum", "correct", "seen", "train_time")})
 TOTALS = obj({k: (_finite(), REQUIRED) for k in ("train_examples", "train_time", "wall_time")})
-STATS = obj({"meter": (METER, REQUIRED), "totals": (TOTALS, REQUIRED)})
+# Every rank's running figures, unreduced (absent in checkpoints written before they were
+# recorded): the epoch's sums, the sums since the last step row, the exchange bytes since
+# that row, and the replica the rank belongs to.
+RANK_METER = obj(
+    {
+        **{k: (_finite(), REQUIRED) for k in ("loss_sum", "correct", "seen", "train_time")},
+        **{k: (_finite(), REQUIRED) for k in ("interval_loss", "interval_steps")},
+        **{k: (integer(), REQUIRED) for k in ("exchange_bytes", "replica")},
+    }
+)
+
+
+def list_of(item: Check, most: int) -> Check:
+    def check(value, where):
+        if not isinstance(value, list) or len(value) > most:
+            raise _Bad(where, f"a list of at most {most} entries", value)
+        for i, entry in enumerate(value):
+            item(entry, f"{where}[{i}]")
+
+    return check
+
+
+STATS = obj(
+    {"meter": (METER, REQUIRED), "meters": (list_of(RANK_METER, MAX_RANKS), OPTIONAL), "totals": (TOTALS, REQUIRED)}
+)
 # The newest evaluation row (Trainer.end_epoch), carried so a resumed run's records continue.
 LAST_EVAL = obj(
     {
@@ -241,6 +265,15 @@ def _whole(info: dict, where: str) -> None:
     classes, n = info.get("classes"), info["spec"]["num_classes"]
     if classes is not None and len(classes) != n:
         raise _Bad("classes", f"one name per class of the network (spec.num_classes = {n})", classes)
+    meters, placement = info["stats"].get("meters"), info["placement"]
+    if meters is not None:
+        if len(meters) != placement["world_size"] or len(meters) != info["rng_ranks"]:
+            raise _Bad("stats.meters", f"one entry per rank (placement.world_size = {placement['world_size']})", meters)
+        for rank, m in enumerate(meters):
+            if m["replica"] >= placement["replicas"]:
+                raise _Bad(
+                    f"stats.meters[{rank}].replica", f"< placement.replicas ({placement['replicas']})", m["replica"]
+                )
     step = info.get("last_eval", {}).get("step")
     if step is not None and step > info["position"]["step"]:
         raise _Bad("last_eval.step", f"at most position.step ({info['position']['step']})", step)

@@ -18,10 +18,12 @@ _NO_STEP = 2**62  # larger than any step: "no non-finite loss on this rank"
 
 @dataclass(frozen=True)
 class IntervalFigures:
-    """Mean training loss over the steps since the last log row, summed over replicas."""
+    """Mean training loss over the steps since the last log row, summed over replicas, and the
+    epoch's examples so far over all replicas."""
 
     loss: float
     steps: int
+    seen: float
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,14 @@ class TrainMeter:
 
     def read_interval(self) -> IntervalFigures:
         """The figures since the last call (a collective over replicas); starts a new interval."""
-        loss_sum, steps = self.placement.sum_over_replicas(self._interval.clone()).tolist()
+        # One all-reduce; each element is summed on its own, so the epoch's examples ride along
+        # without changing the loss's rounding.
+        figures = torch.cat([self._interval, self._epoch[2:]])
+        loss_sum, steps, seen = self.placement.sum_over_replicas(figures).tolist()
         self._interval.zero_()
-        return IntervalFigures(loss=loss_sum / max(steps, 1), steps=int(steps) // self.placement.mesh.replicas)
+        return IntervalFigures(
+            loss=loss_sum / max(steps, 1), steps=int(steps) // self.placement.mesh.replicas, seen=seen
+        )
 
     def read_epoch(self) -> EpochFigures:
         """The epoch so far (a collective over replicas)."""
@@ -88,25 +95,44 @@ class TrainMeter:
             loss=loss_sum / max(seen, 1),
             train_acc=correct / max(seen, 1),
             seen=seen,
-            examples_per_sec=self.examples_per_sec(),
+            examples_per_sec=self.examples_per_sec(seen),
         )
 
-    def examples_per_sec(self) -> float:
-        """Global training examples per second of this epoch so far."""
-        return float(self._epoch[2].item()) * self.placement.mesh.replicas / max(self.train_time, 1e-9)
+    def examples_per_sec(self, seen: float) -> float:
+        """Global training examples per second of this epoch so far, from the examples ``seen``
+        over all replicas (summed, not this replica's times the replicas: after a resume in
+        another placement the replicas need not have seen the same number)."""
+        return seen / max(self.train_time, 1e-9)
 
     def new_epoch(self) -> None:
         self._epoch.zero_()
         self.train_time = 0.0
 
     # -- checkpoint ----------------------------------------------------------------------
+    # This rank's running sums, unreduced: each rank saves and restores its own (reduced
+    # sums would be added in another order on resume and round differently).  A checkpoint
+    # holds every rank's (distalex/training/checkpoint.py, ``stats.meters``).
     def state_dict(self) -> dict:
         loss_sum, correct, seen = self._epoch.tolist()
-        return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "train_time": self.train_time}
+        interval_loss, interval_steps = self._interval.tolist()
+        return {
+            "loss_sum": loss_sum,
+            "correct": correct,
+            "seen": seen,
+            "train_time": self.train_time,
+            "interval_loss": interval_loss,
+            "interval_steps": interval_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """``state`` as :meth:`state_dict` gives it; without the interval (a checkpoint written
+        before it was saved) the interval starts empty."""
+        dev = self.placement.device
         self._epoch = torch.tensor(
-            [state["loss_sum"], state["correct"], state["seen"]], dtype=torch.float64, device=self.placement.device
+            [state["loss_sum"], state["correct"], state["seen"]], dtype=torch.float64, device=dev
+        )
+        self._interval = torch.tensor(
+            [state.get("interval_loss", 0.0), state.get("interval_steps", 0.0)], dtype=torch.float64, device=dev
         )
         self.train_time = float(state["train_time"])
 

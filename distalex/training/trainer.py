@@ -70,7 +70,6 @@ class Trainer:
         cfg, pos, meter = self.cfg.train, self.state.position, self.state.meter
         if not self._steps_left():
             return
-        self.placement.discard_comm()  # count training exchanges only, not evaluation's
         meter.start_clock()
         for x, y in self.data.train.epoch(pos.epoch, pos.batch):
             self.train_step(x, y)
@@ -115,7 +114,7 @@ class Trainer:
             "epoch": self._epoch_float(),
             "loss": interval.loss,
             "lr": self.state.schedule.lr,
-            **self._speed(self.state.meter.examples_per_sec()),
+            **self._speed(self.state.meter.examples_per_sec(interval.seen)),
             **self.placement.comm_bytes_per_step(interval.steps),
             **self.memory,
         }
@@ -149,7 +148,7 @@ class Trainer:
         self.save()
 
     def evaluate(self) -> dict:
-        return evaluate_accuracy(
+        figures = evaluate_accuracy(
             self.placement.inference_model(self.state.model),
             self.data.test,
             self.run.eval_batch,
@@ -157,6 +156,10 @@ class Trainer:
             self.accelerator.autocast,
             self.data.num_classes,
         )
+        # Step rows count training exchanges only, not evaluation's.  Dropped here rather than
+        # when the next epoch starts: a resumed run starts with the bytes its checkpoint carries.
+        self.placement.discard_comm()
+        return figures
 
     def check_finite(self) -> None:
         bad = self.state.meter.first_bad_step()

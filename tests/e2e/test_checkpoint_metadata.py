@@ -154,7 +154,9 @@ def test_the_schema_tables_are_the_restored_dataclasses():
     assert keys(metadata.SPEC) == {f.name for f in dataclasses.fields(AlexNetSpec)}
     assert keys(metadata.SCHEDULE) == {f.name for f in dataclasses.fields(LRSchedule)}
     placement = SimpleNamespace(device=torch.device("cpu"))
-    assert keys(metadata.METER) == set(TrainMeter(placement).state_dict())
+    rank_meter = set(TrainMeter(placement).state_dict()) | {"exchange_bytes", "replica"}
+    assert keys(metadata.RANK_METER) == set(checkpoint.RANK_METER) == rank_meter
+    assert keys(metadata.METER) == set(checkpoint.LEGACY_METER)  # rank 0's epoch sums, as older versions read
     required = {k for k, (_, req) in metadata.SCHEDULE.fields.items() if req}
     assert required == set(LRSchedule.PROGRESS)
 

@@ -16,17 +16,24 @@ import torch
 from distalex.training.checkpoint import list_checkpoints, read
 
 from helpers import (
+    EXACT,
+    EXACT_STEPS,
     QUICK,
     ROOT,
     SPLIT_MODES,
     cli_env,
+    kill_at_write_cmd,
     kill_job,
     latest_checkpoint,
     launch_cmd,
+    png_size,
+    rows_without_timing,
     run_cli,
+    shared_run,
     signal_at_step_cmd,
     start_cli,
     step_losses,
+    summary,
     wait_for_step,
     worker_pids,
 )
@@ -39,7 +46,6 @@ RESUMABLE = QUICK + [
     "train.checkpoint_every=3",
     "data.train_limit=320",
 ]  # 10 steps per epoch: the run crosses an epoch boundary
-MODES = SPLIT_MODES
 
 
 def final_weights(run_dir):
@@ -48,23 +54,74 @@ def final_weights(run_dir):
     return state["model"]
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, mode):
-    nprocs, split = MODES[mode]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_cli(*RESUMABLE, *split, f"train.output_dir={straight}", nprocs=nprocs)
-    proc = start_cli(nprocs, *RESUMABLE, *split, f"train.output_dir={killed}")
-    wait_for_step(proc, killed, 8)
-    kill_job(proc, killed, signal.SIGKILL)
-    proc.wait()
-    assert (killed / ".lock").exists()  # the dead run's lock file stays; its lock went with it
-    interrupted_at = read(latest_checkpoint(killed))["position"]["step"]
-    assert 0 < interrupted_at < STEPS
-    run_cli(*RESUMABLE, *split, "train.resume=auto", f"train.output_dir={killed}", nprocs=nprocs)
-    a, b = final_weights(straight), final_weights(killed)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    # The resumed log is the uninterrupted one: every step once, the same losses.
-    assert step_losses(killed) == step_losses(straight)
+# -- a kill at any instant, in every placement ------------------------------------------------
+# The reference runs are the placement comparisons' (shared_run: computed once per session).
+# Pipeline: test_pipeline_training's 1f1b run of 4 micro-batches (the defaults, spelled out).
+KILL_PLACEMENTS = {
+    **SPLIT_MODES,
+    "pipeline": (2, [*SPLIT_MODES["pipeline"][1], "pipeline.schedule=1f1b", "pipeline.microbatches=4"]),
+}
+# EXACT: 5 steps per epoch, 8 steps.  A step checkpoint every 4 steps puts one in the middle of
+# epoch 1 at the last step, so step 8 makes every write a step can make, in this order: its
+# step row, its step checkpoint, the evaluation (epoch) row, the curves, the checkpoint
+# carrying that row, the summary.  The killed run is resumed from the middle of an epoch
+# (every rank's running figures) and from a checkpoint older than rows already written.
+KILL_EVERY = ["train.checkpoint_every=4", "train.keep_checkpoints=2"]
+# A kill between every pair of successive writes of step 8, chained in one run: killed at
+# the first instant, resumed and killed at the next, ..., then resumed to its end.
+KILL_CHAIN = (
+    "row@8",  # step row | step checkpoint (resumes from step 5, the end of epoch 0)
+    "checkpoint@8",  # step checkpoint | epoch row (resumes in the middle of epoch 1)
+    "epoch_row@8",  # epoch row | curves (during the redraw; resumes from the step checkpoint)
+    "curves@8",  # curves | the epoch's checkpoint
+    "summary_tmp",  # the epoch's checkpoint | summary (its temporary file written, not renamed)
+)
+
+
+@pytest.mark.parametrize("mode", list(KILL_PLACEMENTS))
+def test_kill_at_every_instant_of_a_step_then_resume_gives_the_uninterrupted_records(tmp_path_factory, tmp_path, mode):
+    """SIGKILL between every two writes of a step, in every placement: the resumed run's
+    metrics rows (timings aside), final weights and summary are the uninterrupted run's."""
+    assert_killed_chain_gives_the_uninterrupted_run(tmp_path_factory, tmp_path, mode, [], KILL_CHAIN)
+
+
+def test_a_step_row_resumed_mid_interval_covers_every_step_of_its_interval(tmp_path_factory, tmp_path):
+    """Killed after a checkpoint between two step rows (log_every=4, a checkpoint at step 3):
+    the resumed row of step 4 averages steps 1-4 of both replicas and counts the exchange bytes
+    of all four steps, as the uninterrupted run's does (hybrid: two replicas, its own exchanges)."""
+    every = ["train.log_every=4", "train.checkpoint_every=3"]
+    assert_killed_chain_gives_the_uninterrupted_run(tmp_path_factory, tmp_path, "hybrid", every, ("checkpoint@3",))
+
+
+def assert_killed_chain_gives_the_uninterrupted_run(tmp_path_factory, tmp_path, mode, extra, chain):
+    nprocs, split = KILL_PLACEMENTS[mode]
+    straight = shared_run(tmp_path_factory, *EXACT, *split, *extra, nprocs=nprocs)
+    out = tmp_path / "killed"
+    args = [*EXACT, *split, *KILL_EVERY, *extra, "train.resume=auto", f"train.output_dir={out}"]
+    for instant in chain:
+        proc = subprocess.run(
+            kill_at_write_cmd(nprocs, instant, *args),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+        # one process: killed by the signal; under accelerate launch the launcher reports it
+        killed = proc.returncode == -signal.SIGKILL or nprocs > 1 and "Signal 9 (SIGKILL)" in proc.stderr
+        assert killed, (instant, proc.returncode, proc.stderr[-3000:])
+        assert (out / ".lock").exists()  # the dead run's lock file stays; its lock went with it
+    assert not (out / "summary.json").exists()
+    run_cli(*args, nprocs=nprocs)
+    a, b = read(latest_checkpoint(straight)), read(latest_checkpoint(out))
+    assert a["position"]["step"] == b["position"]["step"] == EXACT_STEPS
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "final weights differ"
+    assert rows_without_timing(out) == rows_without_timing(straight)
+    sa, sb = summary(straight), summary(out)
+    for key in ("loss", "train_acc", "test_acc", "test_top5", "train_examples", "steps", "epochs"):
+        assert sb.get(key) == sa.get(key), (key, sa.get(key), sb.get(key))
+    assert not [p for p in out.rglob("*.tmp")], "the killed writers' temporary files are removed"
+    png_size(out / "curves.png")
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):

@@ -1,5 +1,5 @@
 """A run's lifecycle through the real CLI: safe checkpoint loading, one run per
-output dir, exact resume after a kill at every boundary of the end of a run,
+output dir, exact resume of a finished run,
 unusable output dirs, a full disk, torn records, changed settings on resume,
 and self-healing restarts under the launcher.
 
@@ -31,6 +31,7 @@ from helpers import (
     latest_checkpoint,
     launch_cmd,
     metrics,
+    rows_without_timing,
     run_cli,
     start_cli,
     summary,
@@ -41,7 +42,6 @@ STEPS = 14
 # 10 steps per epoch: epoch 0 ends at step 10; at step 14 a step checkpoint is written, then
 # the final evaluation and its checkpoint.  Dropout on: the RNG streams must resume too.
 END = QUICK + [f"train.max_steps={STEPS}", "train.log_every=1", "train.checkpoint_every=7", "data.train_limit=320"]
-TIMING = ("examples_per_sec", "tflops_per_sec", "mfu", "epoch_time_s")  # measured (or derived from a measurement)
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
@@ -78,10 +78,6 @@ KILLER = textwrap.dedent("""
         after(trainer.Trainer, "train_step", lambda self, x, y: self.state.position.step + 1 == step)
     elif boundary == "after_step_checkpoint":  # the step's checkpoint, not its evaluation's
         after(checkpoint, "save", lambda placement, state, *a, **k: state.position.step == step)
-    elif boundary == "after_last_checkpoint":  # the evaluation and its checkpoint, no summary
-        after(trainer.Trainer, "end_epoch", lambda self: self.state.position.step == step)
-    elif boundary == "during_summary_write":  # summary.json's temporary file written, not renamed
-        before(os, "replace", lambda src, dst, *a, **k: str(dst).endswith("summary.json"))
     elif boundary == "after_summary":
         after(RunLog, "finish", lambda self, summary: True)
     elif boundary == "before_first_checkpoint":
@@ -107,10 +103,6 @@ def run_killed(tmp_path, boundary, step, *args, nprocs=1):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=cli_env(), cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
     return proc
-
-
-def rows_without_timing(run_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in metrics(run_dir)]
 
 
 def weights(run_dir):
@@ -139,19 +131,17 @@ def straight(tmp_path_factory):
 
 
 # -- exact resume at the end of a run -------------------------------------------------------
-@pytest.mark.parametrize(
-    "boundary",
-    ["after_step", "after_step_checkpoint", "after_last_checkpoint", "during_summary_write", "after_summary"],
-)
-def test_kill_at_the_end_of_a_run_then_resume_gives_the_same_records(tmp_path, straight, boundary):
+# The kills between the writes of a run's last step (after its row, its step checkpoint, its
+# evaluation row, the curves, the evaluation's checkpoint, during the summary's write) are
+# tested in every placement by test_reliability.py::test_kill_at_every_instant_of_a_step_...;
+# here the one after them all: a finished run resumed.
+def test_kill_after_the_summary_then_resume_gives_the_same_records(tmp_path, straight):
     out = tmp_path / "run"
-    run_killed(tmp_path, boundary, STEPS, *END, f"train.output_dir={out}")
-    assert (boundary == "after_summary") == (out / "summary.json").exists()
-    if boundary == "during_summary_write":
-        assert any(p.name.startswith(".summary.json.") for p in out.iterdir())
+    run_killed(tmp_path, "after_summary", STEPS, *END, f"train.output_dir={out}")
+    assert (out / "summary.json").exists()
     run_cli(*END, "train.resume=auto", f"train.output_dir={out}")
     assert_same_run(straight, out)
-    assert not [p for p in out.rglob("*.tmp")], "the killed writer's temporary file is removed"
+    assert not [p for p in out.rglob("*.tmp")], "no temporary file is left"
 
 
 def test_first_start_after_an_attempt_killed_before_its_first_checkpoint(tmp_path, straight):
