@@ -68,6 +68,16 @@ class OutputError(BadInput):
     """An output file a command would write exists (and ``--overwrite`` was not given) or cannot be made."""
 
 
+class RefusedOnRank(DistalexError):
+    """A start-up check failed on another rank (a file one node cannot read, say): every rank
+    raises this or that rank's own error, so the main process prints the reason once, naming
+    the rank, with that error's exit status (:meth:`distalex.parallel.placement.Placement.check_together`)."""
+
+    def __init__(self, rank: int, message: str, exit_code: int):
+        super().__init__(f"{message} (found on rank {rank})")
+        self.rank, self.exit_code = rank, exit_code
+
+
 class RunFailure(DistalexError):
     """The run failed after it started; earlier checkpoints and records are kept (exit status 1)."""
 

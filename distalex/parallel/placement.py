@@ -35,6 +35,7 @@ from torch.autograd.profiler import record_function
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from distalex.config import FSDPConfig
+from distalex.errors import BadInput, RefusedOnRank
 from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
 from distalex.model.dropout import KeyedDropout
 from distalex.model.flops import layer_counts
@@ -187,6 +188,31 @@ class Placement:
         """True on every rank when it is True on any (signals, NaN guard).  On CPU
         tensors over a gloo group, so it never waits for the GPU's queue."""
         return bool(self._reduce_host(int(flag), dist.ReduceOp.MAX))
+
+    def check_together(self, check, *args):
+        """``check(*args)`` -- a start-up check with no collective inside -- on every rank; if
+        it refused (a :class:`BadInput`) on any rank, every rank raises: the refusing rank its
+        own error, the others :class:`RefusedOnRank` with its line and status.  So the main
+        process prints a refusal found on another rank once, naming the rank, instead of that
+        rank leaving without a word and the others waiting for it until the timeout."""
+        failure, result = None, None
+        try:
+            result = check(*args)
+        except BadInput as exc:
+            failure = exc
+        if self.mesh.world_size == 1:
+            if failure is not None:
+                raise failure
+            return result
+        found: list = [None] * self.mesh.world_size
+        mine = None if failure is None else (str(failure), failure.exit_code)
+        dist.all_gather_object(found, mine, group=self.control_group)
+        if failure is not None:
+            raise failure
+        for rank, entry in enumerate(found):
+            if entry is not None:
+                raise RefusedOnRank(rank, *entry)
+        return result
 
     def min_over_ranks(self, value: int) -> int:
         """The smallest of one integer over all ranks, on every rank (like :meth:`any_rank`)."""

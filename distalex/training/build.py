@@ -103,7 +103,9 @@ def build_run(cfg) -> Run:
 def _build(cfg, accelerator, p: Placement, run_dir: RunDirLock, started: float, thread_count) -> Run:
     warn = main_process_printer(p)
     # Everything that can refuse the run does so before anything is written.
-    resume_path, saved = read_resume_checkpoint(cfg, p, warn)
+    # Every rank reads the checkpoint; one that cannot (another node's disk) must not leave
+    # the others waiting for it: its refusal is every rank's, printed once.
+    resume_path, saved = p.check_together(read_resume_checkpoint, cfg, p, warn)
     data = load_data(cfg, p, warn)
     prepare_output_dir(cfg.train, resume_path, p, notify=warn)
     # The peak of the precision this process trains in: "auto" resolved on its own device.

@@ -20,3 +20,15 @@ def test_nan_loss_on_one_replica_stops_every_rank_at_that_step(tmp_path):
 
     outcomes = [(tmp_path / f"outcome{r}.txt").read_text() for r in range(world)]
     assert outcomes == [expected] * world
+
+
+def test_a_refusal_found_on_one_rank_is_every_ranks_and_names_that_rank(tmp_path):
+    """Rank 1 cannot read its resume checkpoint, rank 0 can start: both end with exit status 2
+    at once (not after train.timeout_s), the main process with rank 1's reason and rank number."""
+    world = 2
+    mp.spawn(w.refusal_on_one_rank, args=(world, free_port(), str(tmp_path), 1), nprocs=world)
+    main, other = [(tmp_path / f"outcome{r}.txt").read_text() for r in range(world)]
+    assert other.startswith("CheckpointError 2 ") and "elsewhere" in other
+    reason = other.removeprefix("CheckpointError 2 ")
+    assert main == f"RefusedOnRank 2 {reason} (found on rank 1)"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

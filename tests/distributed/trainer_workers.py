@@ -56,3 +56,34 @@ def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
     finally:
         shutdown()
         Path(out_dir, f"outcome{rank}.txt").write_text(outcome)
+
+
+def refusal_on_one_rank(rank, world, port, out_dir, refusing_rank):
+    """ddp on ``world`` ranks; only ``refusing_rank`` is given a resume checkpoint that does
+    not exist (as if its node could not see the file).  Writes the error each rank ended with
+    (class, exit status, message) to ``out_dir/outcome{rank}.txt``."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CUDA_VISIBLE_DEVICES="",
+    )
+    torch.set_num_threads(1)
+    from distalex.config import load_config
+    from distalex.errors import DistalexError
+    from distalex.parallel.launch import shutdown
+    from distalex.training.build import build_run
+
+    resume = f"{out_dir}/elsewhere/step_000000001.safetensors" if rank == refusing_rank else "null"
+    outcome = "built"
+    try:
+        cfg = load_config(TINY, [*SETTINGS, f"train.output_dir={out_dir}/run", f"train.resume={resume}"], "ddp")
+        build_run(cfg).close()
+    except DistalexError as exc:
+        outcome = f"{type(exc).__name__} {exc.exit_code} {exc}"
+    finally:
+        shutdown()
+        Path(out_dir, f"outcome{rank}.txt").write_text(outcome)
