@@ -187,9 +187,9 @@ def resolve(resume: str | None, output_dir: str, warn=print) -> tuple[Path | Non
                 f"train.resume: '{resume}' is a directory, not a checkpoint file; pass a file from its "
                 f"checkpoints/ folder, or train.resume=auto with train.output_dir set to that run's folder"
             )
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise CheckpointError(f"train.resume: checkpoint '{resume}' does not exist")
-        return path, read(path)
+        return path, read(path)  # a FIFO, a device, a dangling link: refused there, naming what it is
     found, foreign = scan(output_dir)
     if not found and foreign:
         raise CheckpointError(

@@ -301,3 +301,101 @@ def test_refusal_carries_the_reason_alone():
         read_bytes("/nonexistent/x", what="x", max_bytes=1)
     assert info.value.reason == "it does not exist"
     assert errno.ENOENT  # the reason replaces the errno text a traceback would show
+
+
+# -- every reader, given a FIFO where it expects a file ------------------------------------------
+def _config(p):
+    from distalex.config import load_config
+
+    load_config(str(p))
+
+
+def _checkpoint(p):
+    from distalex.training.checkpoint import read
+
+    read(p)
+
+
+def _records(p):
+    from distalex.runtime.io import read_jsonl
+
+    read_jsonl(p)
+
+
+def _image_check(p):
+    from distalex.data.imagefolder import image_problem
+
+    why = image_problem(str(p))
+    assert why is not None and "a FIFO" in why, why
+    raise BadInput(why)
+
+
+def _image_during_run(p):
+    from distalex.data.imagefolder import _load_rgb
+
+    _load_rgb(str(p))
+
+
+def _predicted_image(p):
+    from distalex.data.images import open_image
+
+    open_image(p, "RGB")
+
+
+def _fashion_file(p):
+    from distalex.data.fashion_mnist import _read_verified
+
+    _read_verified(p, "t10k-labels-idx1-ubyte")
+
+
+def _peak_cache(p):
+    from distalex.telemetry.peak import _read_cache
+
+    entries, why = _read_cache(p)
+    assert entries == {} and "a FIFO" in why, why
+    raise BadInput(why)
+
+
+def _lock_holder(p):
+    from distalex.runtime.rundir import _holder
+
+    assert _holder(p) == "holder unknown"
+    raise BadInput("holder unknown")
+
+
+READERS = {
+    "config": (_config, "ConfigError"),
+    "checkpoint": (_checkpoint, "CheckpointError"),
+    "records": (_records, "RunDirError"),
+    "image_check": (_image_check, "BadInput"),
+    "image_during_run": (_image_during_run, "DataFailure"),
+    "predicted_image": (_predicted_image, "DataError"),
+    "fashion_mnist_file": (_fashion_file, "DataError"),
+    "peak_cache": (_peak_cache, "BadInput"),
+    "lock_holder": (_lock_holder, "BadInput"),
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_every_reader_refuses_a_fifo_at_once_in_one_line(tmp_path, reader):
+    """Each place distalex reads a file, handed a FIFO with no writer: one line of the
+    caller's error class, at once (a plain open would block for ever: the thread would hang)."""
+    fn, expected = READERS[reader]
+    fifo = tmp_path / ("t10k-labels-idx1-ubyte" if reader == "fashion_mnist_file" else "f.png")
+    os.mkfifo(fifo)
+    result: list = []
+
+    def attempt():
+        try:
+            fn(fifo)
+            result.append(("returned", None))
+        except Exception as exc:
+            result.append((type(exc).__name__, str(exc)))
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(10)
+    assert result, f"{reader}: blocked on a FIFO"
+    kind, message = result[0]
+    assert kind == expected, result
+    assert "\n" not in message and "FIFO" in message or reader == "lock_holder", message
