@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from distalex.config import SPLIT_MODES, load_config, path_problem
+from distalex.config import SPLIT_MODES, load_config, path_problem, shown_text
 from distalex.errors import DistalexError, UsageError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "d2l_fashion_mnist.yaml"
@@ -98,8 +98,7 @@ def _check_paths(args: argparse.Namespace) -> None:
         for value in values if isinstance(values, list) else [values]:
             problem = path_problem(value) if isinstance(value, str) else None
             if problem is not None:
-                shown = value[:40].encode("utf-8", "backslashreplace").decode("utf-8", "replace")
-                raise UsageError(f"{name} '{shown}{'...' if len(value) > 40 else ''}': {problem}")
+                raise UsageError(f"{name} '{shown_text(value[:40])}{'...' if len(value) > 40 else ''}': {problem}")
 
 
 def _parse(parser: argparse.ArgumentParser, argv, intermixed: bool = True):

@@ -286,29 +286,31 @@ def read_config_file(path: str) -> DictConfig:
 
 
 def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    # Every message quotes the override as shown_text: one line, whatever bytes it holds.
+    shown = shown_text(item)
     problem = text_problem(item)
     if problem is not None:
-        shown = item.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
         raise ConfigError(f"override '{shown}' {problem}")
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form key=value")
+        raise ConfigError(f"override '{shown}' is not of the form key=value")
     key, value = item.split("=", 1)
     if not key:
-        raise ConfigError(f"override '{item}' has no key before '='")
+        raise ConfigError(f"override '{shown}' has no key before '='")
     if OmegaConf.select(cfg, key, default=MISSING) is MISSING and not _is_optional_none(cfg, key):
-        raise ConfigError(f"config key '{key}' is unknown")
+        raise ConfigError(f"config key '{shown_text(key)}' is unknown")
     try:
         parsed = OmegaConf.from_dotlist([item])
     except yaml.YAMLError as exc:
         raise ConfigError(
-            f"override '{item}': the value '{value}' cannot be parsed ({_yaml_problem(exc, value, located=False)})"
+            f"override '{shown}': the value '{shown_text(value)}' cannot be parsed "
+            f"({_yaml_problem(exc, value, located=False)})"
         ) from None
     try:
         return OmegaConf.merge(cfg, parsed)
     except OmegaConfBaseException as exc:
         msg = _one_line(exc)
         raise ConfigError(
-            f"override '{item}': {msg[len('config: ') :]}" if msg.startswith("config: ") else msg
+            f"override '{shown}': {msg[len('config: ') :]}" if msg.startswith("config: ") else msg
         ) from None
 
 
@@ -425,6 +427,19 @@ def text_problem(value: str) -> str | None:
     return None
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
+
+def shown_text(value: str) -> str:
+    """``value`` printable on one line: a non-UTF-8 byte as ``\\xff``, other lone surrogates
+    and control characters (a newline, say) escaped."""
+    try:
+        text = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROL)
+
+
 def path_problem(value: str, tail: int = 0) -> str | None:
     """Why ``value`` cannot be a path on this machine, or None: not text the file system can
     encode, a NUL, a component longer than NAME_MAX bytes, or (as an absolute path, plus
@@ -443,7 +458,7 @@ def path_problem(value: str, tail: int = 0) -> str | None:
             return f"its component '{shown}...' is {len(part)} bytes long; the file system allows {name_max} (NAME_MAX)"
     absolute = len(os.fsencode(os.path.abspath(value))) if len(encoded) < path_max else len(encoded)
     if absolute + tail >= path_max:
-        extra = f" with the {tail} bytes distalex adds under it" if tail else ""
+        extra = f" (and distalex adds up to {tail} bytes under it)" if tail else ""
         return f"is {absolute} bytes long as an absolute path{extra}; the system allows {path_max - 1} (PATH_MAX)"
     return None
 

@@ -66,7 +66,8 @@ class MemoryEstimate:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB"
+    x = n / 2**30
+    return f"{x:,.0f} GiB" if x >= 100 else f"{x:.3g} GiB"
 
 
 def estimate(cfg, spec, world_size: int, replicas: int, device: str, processes: int) -> MemoryEstimate:
