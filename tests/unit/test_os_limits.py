@@ -89,3 +89,25 @@ def test_the_limits_accept_what_the_os_accepts(tmp_path):
     assert path_problem("auto") is None
     cfg = load_config(TINY, ["train.resume=auto", f"train.output_dir={ok}"])
     assert cfg.train.output_dir == str(ok)
+
+
+@pytest.mark.parametrize(
+    ("make", "needles"),
+    [
+        (lambda t: [f"train.resume={t}/{'r' * 256}.safetensors"], ["train.resume", "268 bytes", "NAME_MAX"]),
+        (lambda t: [f"data.root={t}/" + "/".join(["d" * 250] * 17)], ["data.root", "PATH_MAX"]),
+        (lambda t: [f"train.output_dir={t}/run\udcff"], ["train.output_dir", "0xff", "not UTF-8"]),
+        (lambda t: ["experiment=caf\udce9"], ["experiment=caf\\xe9", "0xe9", "not UTF-8"]),
+        (lambda t: ["tracking.run_name=a\0b"], ["tracking.run_name", "NUL"]),
+        (lambda t: ["train.output_dir=${oc.env:DISTALEX_TEST_ODD}"], ["config key 'train.output_dir'", "0xfe"]),
+    ],
+)
+def test_each_key_and_the_config_path_are_checked(tmp_path, monkeypatch, make, needles):
+    monkeypatch.setenv("DISTALEX_TEST_ODD", os.fsdecode(b"/tmp/run\xfe"))
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, make(tmp_path))
+    assert all(n in str(info.value) for n in needles), str(info.value)
+    with pytest.raises(ConfigError, match="--config: .*NAME_MAX"):
+        load_config(f"{tmp_path}/{'y' * 300}.yaml")
+    with pytest.raises(ConfigError, match="--config: .*PATH_MAX"):
+        load_config(f"{tmp_path}/" + "/".join(["y" * 250] * 17))
