@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from distalex.config import SPLIT_MODES, load_config
+from distalex.config import SPLIT_MODES, load_config, path_problem, shown_text
 from distalex.errors import DistalexError, Interrupted, UsageError
 from distalex.runtime.launcher import is_main_process, launcher_env
 
@@ -125,9 +125,27 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+# The command lines' path arguments, checked (like the config's path keys) before any is used.
+PATH_ARGS = {"checkpoint": "checkpoint", "config": "--config", "output_dir": "--output-dir", "grid": "--grid",
+             "out": "--out", "images": "IMAGE"}  # fmt: skip
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Every path argument is one the OS accepts (length limits, encodable, no NUL), else one
+    UsageError line naming the argument: never an OSError traceback from deep inside."""
+    for attr, name in PATH_ARGS.items():
+        values = getattr(args, attr, None)
+        for value in values if isinstance(values, list) else [values]:
+            problem = path_problem(value) if isinstance(value, str) else None
+            if problem is not None:
+                raise UsageError(f"{name} '{shown_text(value[:40])}{'...' if len(value) > 40 else ''}': {problem}")
+
+
 def _parse(parser: argparse.ArgumentParser, argv, intermixed: bool = True):
     try:
-        return (parser.parse_intermixed_args if intermixed else parser.parse_args)(argv), None
+        args = (parser.parse_intermixed_args if intermixed else parser.parse_args)(argv)
+        _check_paths(args)
+        return args, None
     except UsageError as exc:
         return None, report(exc)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -19,6 +21,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from distalex.errors import ConfigError
+from distalex.runtime.io import read_bytes
 
 SPLIT_MODES = ("single", "ddp", "model-parallel", "hybrid", "pipeline", "fsdp")
 DATASETS = ("fashion_mnist", "synthetic", "imagefolder")
@@ -252,18 +255,16 @@ def read_config_file(path: str) -> DictConfig:
     tags that would build Python objects, alias bombs) is one ConfigError line that
     names the file and, where YAML knows it, the line."""
     where = f"config file '{path}'"
+    problem = path_problem(path)
+    if problem is not None:
+        raise ConfigError(f"--config: {problem}")
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{where} is a directory, not a YAML file")
     if not p.exists():
         raise ConfigError(f"{where} does not exist")
-    try:
-        with open(p, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{where} cannot be read ({exc.strerror or exc})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES} bytes: not an experiment config")
+    # Non-blocking, regular files only, at most MAX_CONFIG_BYTES (a FIFO or /dev/zero never hangs the run).
+    raw = read_bytes(p, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -290,25 +291,31 @@ def read_config_file(path: str) -> DictConfig:
 
 
 def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    # Every message quotes the override as shown_text: one line, whatever bytes it holds.
+    shown = shown_text(item)
+    problem = text_problem(item)
+    if problem is not None:
+        raise ConfigError(f"override '{shown}' {problem}")
     if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form key=value")
+        raise ConfigError(f"override '{shown}' is not of the form key=value")
     key, value = item.split("=", 1)
     if not key:
-        raise ConfigError(f"override '{item}' has no key before '='")
+        raise ConfigError(f"override '{shown}' has no key before '='")
     if OmegaConf.select(cfg, key, default=MISSING) is MISSING and not _is_optional_none(cfg, key):
-        raise ConfigError(f"config key '{key}' is unknown")
+        raise ConfigError(f"config key '{shown_text(key)}' is unknown")
     try:
         parsed = OmegaConf.from_dotlist([item])
     except yaml.YAMLError as exc:
         raise ConfigError(
-            f"override '{item}': the value '{value}' cannot be parsed ({_yaml_problem(exc, value, located=False)})"
+            f"override '{shown}': the value '{shown_text(value)}' cannot be parsed "
+            f"({_yaml_problem(exc, value, located=False)})"
         ) from None
     try:
         return OmegaConf.merge(cfg, parsed)
     except OmegaConfBaseException as exc:
         msg = _one_line(exc)
         raise ConfigError(
-            f"override '{item}': {msg[len('config: ') :]}" if msg.startswith("config: ") else msg
+            f"override '{shown}': {msg[len('config: ') :]}" if msg.startswith("config: ") else msg
         ) from None
 
 
@@ -389,9 +396,93 @@ def check_numbers(cfg: DictConfig) -> None:
             _require(-INT64 <= value < INT64, key, f"must fit a 64-bit integer, got {value}")
 
 
+# Keys naming a file or folder (train.resume also takes "auto").  PATH_MAX and NAME_MAX are
+# the kernel's limits (Linux: 4096 bytes a path, 255 a component); os.pathconf says where it can.
+PATH_KEYS = ("data.root", "train.output_dir", "train.resume")
+PATH_MAX, NAME_MAX = 4096, 255
+# The longest name distalex puts under train.output_dir (a checkpoint's temporary file,
+# checkpoints/.step_<9 digits>.safetensors.<pid>.tmp, with a 7-digit pid, and room to spare).
+RUN_DIR_TAIL = 64
+
+
+def _limits(path: str) -> tuple[int, int]:
+    """(PATH_MAX, NAME_MAX) of the file system the path would be on (its nearest existing folder)."""
+    folder = os.path.dirname(os.path.abspath(path)) if len(path) < PATH_MAX else os.getcwd()
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return os.pathconf(folder or "/", "PC_PATH_MAX"), os.pathconf(folder or "/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return PATH_MAX, NAME_MAX
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string cannot be a config value the OS and the records take, or None: a NUL
+    character, or text that is not Unicode (a non-UTF-8 byte on the command line arrives as a
+    lone surrogate, which no file, JSON record or log line can hold)."""
+    if "\0" in value:
+        return f"contains a NUL character (at position {value.index(chr(0))})"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raw = bad.encode("utf-8", "surrogateescape") if "\udc80" <= bad <= "\udcff" else None
+        what = f"the byte 0x{raw[0]:02x}, which is not UTF-8" if raw else f"the lone surrogate U+{ord(bad):04X}"
+        return f"contains {what} (at position {exc.start}); use UTF-8 text"
+    return None
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+
+
+def shown_text(value: str) -> str:
+    """``value`` printable on one line: a non-UTF-8 byte as ``\\xff``, other lone surrogates
+    and control characters (a newline, say) escaped."""
+    try:
+        text = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.translate(_CONTROL)
+
+
+def path_problem(value: str, tail: int = 0) -> str | None:
+    """Why ``value`` cannot be a path on this machine, or None: not text the file system can
+    encode, a NUL, a component longer than NAME_MAX bytes, or (as an absolute path, plus
+    ``tail`` bytes distalex appends under it) longer than PATH_MAX bytes."""
+    problem = text_problem(value)
+    if problem is not None:
+        return problem
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeEncodeError:
+        return f"cannot be encoded in the file system's encoding ({sys.getfilesystemencoding()})"
+    path_max, name_max = _limits(value)
+    for part in encoded.split(b"/"):
+        if len(part) > name_max:
+            shown = part[:24].decode("utf-8", "replace")
+            return f"its component '{shown}...' is {len(part)} bytes long; the file system allows {name_max} (NAME_MAX)"
+    absolute = len(os.fsencode(os.path.abspath(value))) if len(encoded) < path_max else len(encoded)
+    if absolute + tail >= path_max:
+        extra = f" (and distalex adds up to {tail} bytes under it)" if tail else ""
+        return f"is {absolute} bytes long as an absolute path{extra}; the system allows {path_max - 1} (PATH_MAX)"
+    return None
+
+
+def check_strings(cfg: DictConfig) -> None:
+    """Every string of the config is text the OS and the records can hold, and every path
+    key a path the OS accepts: one mechanism for every key, checked once at start-up."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, str):
+            problem = text_problem(value)
+            if problem is None and key in PATH_KEYS and not (key == "train.resume" and value == "auto"):
+                problem = path_problem(value, RUN_DIR_TAIL if key == "train.output_dir" else 0)
+            _require(problem is None, key, problem or "")
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that the types alone cannot express. World-size checks live in parallel.py."""
     check_numbers(cfg)
+    check_strings(cfg)
     _require(cfg.split_mode in SPLIT_MODES, "split_mode", f"must be one of {SPLIT_MODES}, got '{cfg.split_mode}'")
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     _require(m.towers >= 1, "model.towers", f"must be >= 1, got {m.towers}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 
 from distalex.data.memory import InMemoryDataset
 from distalex.errors import DataError
+from distalex.runtime.io import open_for_reading
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
@@ -31,6 +33,15 @@ FASHION_MNIST_FILES = {
     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
 }
+# Bytes of each unpacked file: the IDX header (4 + 4 per dimension) and the uint8 data of
+# 60,000 training / 10,000 test examples of 28 x 28.  Reading stops one byte past these.
+FASHION_MNIST_BYTES = {
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+CHUNK = 1 << 20  # bytes unpacked and hashed at a time
 HOW_TO_GET = (
     "install it with 'apt-get install dataset-fashion-mnist' (files land in "
     f"{DEBIAN_FASHION_MNIST}), or point data.root / $DISTALEX_DATA at a folder "
@@ -68,14 +79,45 @@ def _find_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
+def _packed_cap(size: int) -> int:
+    """The most bytes a gzip of ``size`` bytes can take: deflate stores incompressible data in
+    blocks of 5 bytes' overhead per 64 KiB, plus the gzip header (with a file name) and trailer."""
+    return size + size // 1000 + 4096
+
+
+def _read_verified(path: Path, stem: str) -> bytes:
+    """The unpacked contents of one Fashion-MNIST file, streamed: unpacked and hashed a chunk
+    at a time, stopped one byte past the file's known size, so a gzip bomb or a link to a
+    huge sparse file costs at most that much memory (a file too large even packed is refused
+    from its size before anything is read).  Wrong size or md5: one DataError line."""
+    size, md5 = FASHION_MNIST_BYTES[stem], FASHION_MNIST_FILES[stem]
+    packed = path.suffix == ".gz"
+    buf, digest = bytearray(), hashlib.md5()
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        with open_for_reading(
+            path, what="Fashion-MNIST file", max_bytes=_packed_cap(size) if packed else size, error=DataError
+        ) as fh:
+            stream = gzip.GzipFile(fileobj=fh, mode="rb") if packed else fh
+            while chunk := stream.read(min(CHUNK, size + 1 - len(buf))):
+                buf += chunk
+                digest.update(chunk)
+                if len(buf) > size:
+                    raise DataError(
+                        f"Fashion-MNIST file {path} is corrupt (it unpacks to more than the {size} bytes of "
+                        f"{stem}; reading stopped there); {HOW_TO_GET}"
+                    )
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"Fashion-MNIST file {path} cannot be read ({exc}); {HOW_TO_GET}") from None
+    if len(buf) != size:
+        raise DataError(
+            f"Fashion-MNIST file {path} is corrupt (its contents are {len(buf)} bytes, {stem} has {size}); {HOW_TO_GET}"
+        )
+    if digest.hexdigest() != md5:
+        raise DataError(
+            f"Fashion-MNIST file {path} is corrupt (md5 of its contents {digest.hexdigest()}, expected {md5}); "
+            f"{HOW_TO_GET}"
+        )
+    return bytes(buf)
 
 
 def _parse_idx(raw: bytes) -> np.ndarray:
@@ -139,15 +181,8 @@ def load_fashion_mnist(root: str | None, warnings: list[str] | None = None) -> t
     """(train, test) as uint8 [N, 1, 28, 28] images and int64 labels, verified."""
     directory = locate_fashion_mnist(root, warnings)
     arrays = {}
-    for stem, md5 in FASHION_MNIST_FILES.items():
-        path = _find_file(directory, stem)
-        raw = _read_bytes(path)
-        digest = hashlib.md5(raw).hexdigest()
-        if digest != md5:
-            raise DataError(
-                f"Fashion-MNIST file {path} is corrupt (md5 of its contents {digest}, expected {md5}); {HOW_TO_GET}"
-            )
-        arrays[stem] = _parse_idx(raw)
+    for stem in FASHION_MNIST_FILES:
+        arrays[stem] = _parse_idx(_read_verified(_find_file(directory, stem), stem))
 
     def split(prefix: str) -> InMemoryDataset:
         images = torch.from_numpy(arrays[f"{prefix}-images-idx3-ubyte"].copy()).unsqueeze(1)

@@ -34,7 +34,7 @@ from torch.autograd.profiler import record_function
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from distalex.data.common import Batch, DataBundle, GlobalBatchPlan, SharedCheck
-from distalex.data.images import UNREADABLE, to_mode
+from distalex.data.images import UNREADABLE, open_image_file, to_mode, why_unreadable
 from distalex.errors import DataError, DataFailure
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -112,24 +112,32 @@ def _load_rgb(path: str, min_side: int = 0) -> Image.Image:
     changed (or is damaged past its header) while the run went on: a failure of
     the run (exit 1, its checkpoints kept), not bad input."""
     try:
-        with Image.open(path) as im:
+        with open_image_file(path, DataFailure) as fh, Image.open(fh) as im:
             if min_side:
                 im.draft("RGB", (min_side, min_side))
             return to_mode(im, "RGB")[0]  # the conversions prediction makes too (16-bit scaled, ...)
+    except DataFailure as exc:  # no longer a regular file (a FIFO put there meanwhile, say)
+        raise DataFailure(
+            f"image {path} cannot be read during the run ({exc.reason}); it passed the start-up check, so it "
+            f"changed meanwhile; the run stops, its checkpoints are kept"
+        ) from None
     except UNREADABLE as exc:
         raise DataFailure(
-            f"image {path} cannot be read during the run ({exc}); it passed the start-up check, so it "
+            f"image {path} cannot be read during the run ({why_unreadable(exc)}); it passed the start-up check, so it "
             f"changed or is damaged past its header; the run stops, its checkpoints are kept"
         ) from None
 
 
 def image_problem(path: str) -> str | None:
-    """Why ``path`` is not an image PIL can read, from its header alone (no decoding); None if it is."""
+    """Why ``path`` is not an image PIL can read, from its header alone (no decoding); None if it is.
+    A FIFO, a device or a directory with an image's name is refused without being read."""
     try:
-        with Image.open(path) as im:
+        with open_image_file(path) as fh, Image.open(fh) as im:
             w, h = im.size
+    except DataError as exc:
+        return exc.reason
     except UNREADABLE as exc:
-        return " ".join(str(exc).split()) or type(exc).__name__
+        return why_unreadable(exc)
     if w < 1 or h < 1:
         return f"its size is {w}x{h}"
     return None

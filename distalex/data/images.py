@@ -18,6 +18,7 @@ resizes it.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -25,11 +26,32 @@ import torch
 from PIL import Image
 
 from distalex.data.memory import resize_batch
-from distalex.errors import DataError
+from distalex.errors import DataError, DistalexError
+from distalex.runtime.io import open_for_reading
 
 # What PIL raises for a file it cannot open or decode (SyntaxError: some of its parsers).
 UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # more than 8 bits per pixel
+
+
+def image_max_bytes() -> int | None:
+    """The largest file an image PIL decodes can be: PIL refuses more than twice its pixel
+    limit (a decompression bomb), and the widest uncompressed pixel (16-bit RGBA) is 8 bytes;
+    1 MiB more for headers and metadata.  None when PIL's limit is switched off."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit) * 8 + (1 << 20)
+
+
+def open_image_file(path, error: type[DistalexError] = DataError):
+    """The image file at ``path`` opened for PIL (a binary file object; PIL gets no path): a
+    FIFO, a device or a directory is refused at once with one ``error`` line naming it."""
+    return open_for_reading(path, what="image", max_bytes=image_max_bytes(), error=error)
+
+
+def why_unreadable(exc: BaseException) -> str:
+    """PIL's reason on one line, the file it names by its path (PIL read a file object)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return re.sub(r"<_io\.BufferedReader name=(.*?)>", r"\1", text)
 
 
 def mode_for(channels: int) -> str:
@@ -93,13 +115,13 @@ def open_image(path, mode: str, min_side: int = 0) -> tuple[Image.Image, list[st
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; a bomb is refused either way.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with open_image_file(path) as fh, Image.open(fh) as im:
                 if min_side:
                     im.draft("RGB", (min_side, min_side))
                 im.load()
                 return to_mode(im, mode)
     except (*UNREADABLE, Image.DecompressionBombWarning) as exc:
-        why = " ".join(str(exc).split()) or type(exc).__name__
+        why = why_unreadable(exc)
         if isinstance(exc, OSError) and exc.strerror and getattr(exc, "filename", None):
             why = exc.strerror
         raise DataError(f"image {path} cannot be read ({why})") from None

@@ -20,7 +20,11 @@ back between steps.  ``train.reuse_host_memory=false`` turns it off.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+
+from distalex.errors import DistalexError
+from distalex.runtime.io import read_bytes
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -37,3 +41,23 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, KEEP_BYTES) == 1
+
+
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
+def memory_limit() -> int:
+    """Bytes of memory this process may use: the machine's physical memory, or its
+    cgroup's limit (a container, a Slurm job) when that is smaller."""
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        limit = 1 << 62
+    for path in CGROUP_LIMITS:
+        try:
+            text = read_bytes(path, what="cgroup memory limit", max_bytes=64).decode().strip()
+        except (DistalexError, UnicodeDecodeError):  # no such cgroup file here: the physical memory stands
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit

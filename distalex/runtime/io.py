@@ -18,6 +18,15 @@
   file for writing.
 * :func:`remove_stale_temps`: the temporary files a killed writer left behind
   (called by the run that owns the output dir, before it writes).
+* :func:`open_for_reading` / :func:`read_bytes`: the one way distalex opens a file it
+  reads (a config, an image, a data file, a checkpoint, the records, the peak cache).  The
+  file is opened ``O_NONBLOCK`` (a FIFO with no writer never blocks the open), ``fstat``-ed,
+  and refused unless it is a regular file (a FIFO, a device, a socket, a directory: one line
+  naming it and what it is); its size is capped at what that kind of file can legitimately
+  hold (a sparse 50 GB file is refused from its ``fstat``, before a byte is read).  Libraries
+  that insist on a path (safetensors' ``safe_open``) get :func:`reopen_path` of a file this
+  module opened and checked.  ``tests/unit/test_guarded_reads.py`` checks no other module
+  opens a file for reading.
 * :func:`read_jsonl`: the rows of a JSON-lines file; a torn last line (a
   kill during an append) is dropped, a broken line before it is an error.
 """
@@ -33,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from distalex.errors import WriteError
+from distalex.errors import BadInput, DistalexError, RunDirError, WriteError
 
 Content = bytes | str | Callable[[IO[bytes]], None]
 TEMP_NAME = re.compile(r"^\..+\.\d+\.tmp$")  # .<target name>.<pid>.tmp, see atomic_write
@@ -144,19 +153,82 @@ def open_run_file(path, flags: int, mode: int = 0o644) -> int:
 
 def open_regular_for_reading(path) -> IO[bytes]:
     """A binary file object for reading ``path`` if it is a regular file, never following a
-    link (what pruning and ``resume=auto`` look into); OSError otherwise."""
-    kind = not_a_regular_file(path)
-    if kind is not None:
-        raise OSError(errno.EINVAL, f"it is {kind}")
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    link (what pruning and ``resume=auto`` look into); OSError saying why otherwise."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "it is not a regular file")
+        return open_for_reading(path, what="file", max_bytes=None, follow=False)
+    except BadInput as exc:
+        raise OSError(errno.EINVAL, exc.reason) from None
+
+
+def _read_refused(error: type[DistalexError], what: str, path, reason: str) -> DistalexError:
+    exc = error(f"{what} '{path}' cannot be read ({reason})")
+    exc.reason = reason  # the cause alone, for callers that put it into a sentence of their own
+    return exc
+
+
+def _open_reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return "it does not exist"
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link, which is not followed here"
+    return describe(exc)
+
+
+def open_for_reading(
+    path, *, what: str, max_bytes: int | None, error: type[DistalexError] = BadInput, follow: bool = True
+) -> IO[bytes]:
+    """The one place distalex opens a file to read it: a binary file object of ``path``.
+
+    Opened ``O_RDONLY|O_NONBLOCK|O_CLOEXEC`` (``O_NOFOLLOW`` too unless ``follow``): a FIFO
+    without a writer opens at once instead of blocking for ever, and ``fstat`` of what was
+    opened (not of the path, which may change meanwhile) must say "regular file".  A file of
+    more than ``max_bytes`` (what ``what`` can legitimately hold; None: no cap) is refused
+    from its size before anything is read.  Every refusal is one ``error`` line naming
+    ``what``, the path and the reason (its ``reason`` attribute holds the reason alone)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _read_refused(error, what, path, _open_reason(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise _read_refused(error, what, path, f"it is {kind}, not a regular file")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _read_refused(
+                error, what, path, f"it is larger than {max_bytes} bytes ({st.st_size}), more than {what} can hold"
+            )
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
+        if isinstance(exc, OSError):
+            raise _read_refused(error, what, path, describe(exc)) from None
         raise
+
+
+def read_bytes(path, *, what: str, max_bytes: int, error: type[DistalexError] = BadInput, follow: bool = True) -> bytes:
+    """The contents of ``path`` (see :func:`open_for_reading`), at most ``max_bytes`` of them:
+    a file that grows past the cap while it is read, or that reports no size (``/proc``),
+    is refused once ``max_bytes + 1`` bytes have been read, so memory stays bounded."""
+    with open_for_reading(path, what=what, max_bytes=max_bytes, error=error, follow=follow) as fh:
+        try:
+            raw = fh.read(max_bytes + 1)
+        except OSError as exc:
+            raise _read_refused(error, what, path, describe(exc)) from None
+    if len(raw) > max_bytes:
+        raise _read_refused(error, what, path, f"it is larger than {max_bytes} bytes, more than {what} can hold")
+    return raw
+
+
+def reopen_path(fh: IO[bytes]) -> str:
+    """A path naming the very file ``fh`` (opened by :func:`open_for_reading`) for a library
+    that takes only a path: ``/proc/self/fd/N`` reopens the checked file itself, so nothing
+    put under the original name since the check is read.  Without ``/proc``: the name that
+    was checked a moment before."""
+    proc = f"/proc/self/fd/{fh.fileno()}"
+    return proc if os.path.exists(proc) else str(fh.name)
 
 
 def atomic_write(path, content: Content) -> Path:
@@ -221,11 +293,17 @@ def write_json(path, obj) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+# A run's metrics.jsonl: a row of a few hundred bytes per logged step and per epoch; a GiB is
+# millions of rows, far beyond any run (a larger file is not a run's records).
+RECORDS_MAX_BYTES = 1 << 30
+
+
 def read_jsonl(path) -> list:
     """Rows (JSON objects) of a JSON-lines file.  A last line that does not parse is a torn
-    append and is dropped; a bad line before it is a ValueError naming it."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        lines = [line for line in fh.read().split("\n") if line.strip()]
+    append and is dropped; a bad line before it is a ValueError naming it.  A file that is
+    not a regular file, or larger than :data:`RECORDS_MAX_BYTES`: :class:`RunDirError`."""
+    raw = read_bytes(path, what="records file", max_bytes=RECORDS_MAX_BYTES, error=RunDirError)
+    lines = [line for line in raw.decode("utf-8", errors="replace").split("\n") if line.strip()]
     rows = []
     for i, line in enumerate(lines):
         try:

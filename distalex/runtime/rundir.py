@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from distalex.config import TrainConfig
-from distalex.errors import RunDirError, WriteError
-from distalex.runtime.io import describe, not_a_regular_file, open_run_file, remove_stale_temps
+from distalex.errors import DistalexError, RunDirError, WriteError
+from distalex.runtime.io import describe, not_a_regular_file, open_run_file, read_bytes, remove_stale_temps
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "curves.png", "checkpoints")
 LOCK_NAME = ".lock"
@@ -94,8 +94,9 @@ def _holder(path: Path) -> str:
     text = ""
     for _ in range(20):
         try:
-            text = path.read_text(errors="replace").strip()
-        except OSError:
+            # The lock file holds one line (pid, host, start time); a FIFO put there never blocks.
+            text = read_bytes(path, what="lock file", max_bytes=4096, follow=False).decode("utf-8", "replace").strip()
+        except DistalexError:
             text = ""
         if text:
             break

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from distalex.errors import DistalexError
 from distalex.runtime import launcher
+from distalex.runtime.io import read_bytes
 from distalex.runtime.launcher import MAX_PROCESSES, launcher_env
 
 # MPI launchers' variables for the processes of the job on this node (accelerate's launcher
@@ -94,10 +96,10 @@ def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/
     """The CPU quota (in CPUs) of this process's cgroup or an ancestor's, None: no quota (or none
     readable).  cgroup v2: ``cpu.max`` ("max 100000" or "150000 100000"); v1:
     ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1: none)."""
-    try:
-        lines = self_cgroup.read_text().splitlines()
-    except OSError:
+    lines = _small_text(self_cgroup, 1 << 16)
+    if lines is None:
         return None
+    lines = lines.splitlines()
     limits = []
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
@@ -113,6 +115,14 @@ def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = Path("/proc/self/
     return min(limits) if limits else None
 
 
+def _small_text(path: Path, max_bytes: int = 64) -> str | None:
+    """A kernel interface file's text through the guarded reader; None where it is absent or unusable."""
+    try:
+        return read_bytes(path, what="cgroup CPU limit", max_bytes=max_bytes).decode("ascii", "replace")
+    except DistalexError:
+        return None
+
+
 def _dirs_up(mount: Path, rel: Path):
     """``mount/rel`` and its parents up to ``mount``: an ancestor's limit binds too.  (Inside a
     container the cgroup path may be the host's and absent: then the mount itself is ours.)"""
@@ -126,17 +136,17 @@ def _dirs_up(mount: Path, rel: Path):
 
 def _v2_limit(path: Path) -> float | None:
     try:
-        quota, period = path.read_text().split()[:2]
+        quota, period = (_small_text(path) or "").split()[:2]
         return None if quota == "max" else _ratio(int(quota), int(period))
-    except (OSError, ValueError):
+    except ValueError:
         return None
 
 
 def _v1_limit(d: Path) -> float | None:
     try:
-        quota = int((d / "cpu.cfs_quota_us").read_text())
-        period = int((d / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
+        quota = int(_small_text(d / "cpu.cfs_quota_us") or "")
+        period = int(_small_text(d / "cpu.cfs_period_us") or "")
+    except ValueError:
         return None
     return _ratio(quota, period)
 

@@ -24,6 +24,7 @@ import torch
 
 from distalex.data import build_test_data
 from distalex.errors import DataError, ExportFailure, UsageError
+from distalex.runtime.io import open_for_reading
 from distalex.serving.loaded import Loaded, reference_model
 from distalex.serving.predict import check_output_file
 
@@ -122,6 +123,17 @@ def verify(model, run, inputs) -> dict:
             "checks": [what for what, _ in inputs]}  # fmt: skip
 
 
+def _open_back(path: Path):
+    """The export just written, opened to be loaded back as a user would (through the one
+    guarded opener: what is read is the regular file written, nothing put there since)."""
+    return open_for_reading(path, what="the export's temporary file", max_bytes=None, error=ExportFailure)
+
+
+def _read_back(path: Path) -> bytes:
+    with _open_back(path) as fh:
+        return fh.read()
+
+
 def _example(loaded: Loaded) -> torch.Tensor:
     s = loaded.spec
     return torch.rand(
@@ -167,7 +179,7 @@ def _write_onnx(model, loaded: Loaded, path: Path) -> None:
 def _run_onnx(path: Path, loaded: Loaded):
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(_read_back(path), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
 
 
@@ -177,7 +189,8 @@ def _write_pt2(model, loaded: Loaded, path: Path) -> None:
 
 
 def _run_pt2(path: Path, loaded: Loaded):
-    return torch.export.load(str(path)).module()
+    with _open_back(path) as fh:
+        return torch.export.load(fh).module()
 
 
 def state_dict_metadata(loaded: Loaded) -> dict[str, str]:
@@ -197,10 +210,10 @@ def _write_state_dict(model, loaded: Loaded, path: Path) -> None:
 
 
 def _run_state_dict(path: Path, loaded: Loaded):
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from distalex.model.alexnet import AlexNet
 
     fresh = AlexNet(loaded.spec).eval()
-    fresh.load_state_dict(load_file(str(path)), strict=True)
+    fresh.load_state_dict(load(_read_back(path)), strict=True)
     return fresh

@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-from distalex.runtime.io import write_json
+from distalex.errors import DistalexError
+from distalex.runtime.io import read_bytes, write_json
+
+CACHE_MAX_BYTES = 1 << 20  # a few hundred bytes per (CPU, precision, threads, torch) entry
 
 # Dense peaks from the vendors' datasheets, TFLOP/s per GPU: (name pattern, {precision: peak}).
 # First match wins, so the specific names come before the general ones.  "tf32" is the
@@ -74,12 +77,13 @@ def gpu_peak(name: str, precision: str, tf32: bool = True) -> Peak | None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    try:  # a few KB per core; 16 MiB is thousands of cores
+        text = read_bytes("/proc/cpuinfo", what="/proc/cpuinfo", max_bytes=16 << 20).decode("utf-8", "replace")
+    except DistalexError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
@@ -125,7 +129,7 @@ def cpu_peak(precision: str, threads: int | None = None, path: Path | None = Non
     model = cpu_model()
     key = f"{model} | {name} | {threads} threads | torch {torch.__version__}"
     path = path or cache_path()
-    cache = _read_cache(path)
+    cache, unusable = _read_cache(path)
     what = f"{name} matmul on {model}, {threads} thread{'s' if threads != 1 else ''}"
     if key in cache:
         return Peak(cache[key], f"measured {what}; cached in {path}", name)
@@ -136,16 +140,21 @@ def cpu_peak(precision: str, threads: int | None = None, path: Path | None = Non
     finally:
         torch.set_num_threads(previous)
     busy = _busy()
-    if busy:
+    if unusable:
+        # A FIFO, a device or a huge file where the cache belongs: read nothing, write nothing.
+        where = f"not cached: {unusable}"
+    elif busy:
         # Other programs took cores from the probe: its figure reads low (and MFU high).
         where = f"not cached: {busy}"
     else:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, {**_read_cache(path), key: tflops})
+            write_json(path, {**_read_cache(path)[0], key: tflops})
             where = f"cached in {path}"
         except OSError as exc:
             where = f"not cached: {path}: {exc.strerror or exc}"
+        except DistalexError as exc:  # the guarded writer refused the file
+            where = f"not cached: {exc}"
     return Peak(tflops, f"measured {what} just now; {where}", name)
 
 
@@ -161,19 +170,25 @@ def _busy() -> str | None:
     return None
 
 
-def _read_cache(path: Path) -> dict[str, float]:
-    """The cache's valid entries; a missing, unreadable or malformed file is an empty cache."""
+def _read_cache(path: Path) -> tuple[dict[str, float], str | None]:
+    """The cache's valid entries, and why the file cannot be a cache at all (a FIFO, a
+    device, a directory, an oversized file: it is then neither read nor rewritten; the
+    reason goes into the peak's one start-up line).  A missing or malformed file is an
+    empty cache."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return {}
+        data = json.loads(read_bytes(path, what="peak cache", max_bytes=CACHE_MAX_BYTES).decode("utf-8"))
+    except DistalexError as exc:
+        missing = getattr(exc, "reason", "") == "it does not exist"
+        return {}, None if missing else f"{exc}; ignored (measured afresh, not written)"
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return {}, None
     if not isinstance(data, dict):
-        return {}
+        return {}, None
     return {
         k: float(v)
         for k, v in data.items()
         if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-    }
+    }, None
 
 
 def device_peak(device: torch.device, precision: str, override: float | None = None) -> tuple[Peak | None, str]:

@@ -22,6 +22,9 @@ import os
 import sys
 from pathlib import Path
 
+from distalex.errors import DistalexError
+from distalex.runtime.io import read_bytes
+
 
 def has_wandb_credentials() -> bool:
     """An API key in the environment, or a ~/.netrc ($NETRC) entry for the wandb
@@ -33,8 +36,8 @@ def has_wandb_credentials() -> bool:
     host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
     netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
     try:
-        return host in netrc.read_text()
-    except (OSError, UnicodeDecodeError):
+        return host in read_bytes(netrc, what="netrc file", max_bytes=1 << 20).decode("utf-8")
+    except (DistalexError, UnicodeDecodeError):
         return False
 
 

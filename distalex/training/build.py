@@ -25,13 +25,14 @@ from distalex.parallel.launch import group_timeout, make_accelerator
 from distalex.parallel.placement import Placement, make_placement
 from distalex.runtime import determinism, threads
 from distalex.runtime.elastic import restart_count
-from distalex.runtime.hostmem import keep_freed_memory
+from distalex.runtime.hostmem import keep_freed_memory, memory_limit
 from distalex.runtime.rundir import RunDirLock, claim_output_dir, prepare_output_dir
 from distalex.telemetry.mfu import Utilization, for_run
 from distalex.telemetry.profiling import StepProfiler
 from distalex.telemetry.records import RunLog
 from distalex.telemetry.tracker import run_name
 from distalex.training import checkpoint
+from distalex.training.memory_estimate import check_fits, estimate
 from distalex.training.meters import TrainMeter
 from distalex.training.schedule import LRSchedule
 from distalex.training.state import TrainingState
@@ -86,6 +87,7 @@ def build_run(cfg) -> Run:
     placement = make_placement(
         cfg.split_mode, spec, cfg.train.batch_size, ddp, timeout, accelerator, pipeline_cfg=cfg.pipeline, fsdp=cfg.fsdp
     )
+    check_memory(cfg, spec, placement)
     if cfg.train.reuse_host_memory and placement.device.type == "cpu":
         keep_freed_memory()
     for notice in placement.notices:
@@ -98,6 +100,16 @@ def build_run(cfg) -> Run:
     except BaseException:
         run_dir.release()
         raise
+
+
+def check_memory(cfg, spec, placement) -> None:
+    """Refuse, before anything is allocated or written, a config whose step cannot fit this
+    machine's memory or its device's (distalex/training/memory_estimate.py: a lower bound)."""
+    p = placement
+    processes = threads.local_processes()
+    est = estimate(cfg, spec, p.mesh.world_size, p.mesh.replicas, p.device.type, processes)
+    device_bytes = torch.cuda.get_device_properties(p.device).total_memory if p.device.type == "cuda" else None
+    check_fits(est, memory_limit(), device_bytes)
 
 
 def _build(cfg, accelerator, p: Placement, run_dir: RunDirLock, started: float, thread_count) -> Run:

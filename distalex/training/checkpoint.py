@@ -43,7 +43,15 @@ from torch import nn
 
 from distalex.config import STEP_KEYS
 from distalex.errors import CheckpointError, RunFailure, WriteError
-from distalex.runtime.io import atomic_write, ensure_dir, not_a_regular_file, open_regular_for_reading
+from distalex.runtime.hostmem import memory_limit
+from distalex.runtime.io import (
+    atomic_write,
+    ensure_dir,
+    not_a_regular_file,
+    open_for_reading,
+    open_regular_for_reading,
+    reopen_path,
+)
 from distalex.training import metadata
 from distalex.training.state import Position, Totals, TrainingState
 
@@ -171,9 +179,9 @@ def resolve(resume: str | None, output_dir: str, warn=print) -> tuple[Path | Non
                 f"train.resume: '{resume}' is a directory, not a checkpoint file; pass a file from its "
                 f"checkpoints/ folder, or train.resume=auto with train.output_dir set to that run's folder"
             )
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise CheckpointError(f"train.resume: checkpoint '{resume}' does not exist")
-        return path, read(path)
+        return path, read(path)  # a FIFO, a device, a dangling link: refused there, naming what it is
     found, foreign = scan(output_dir)
     if not found and foreign:
         raise CheckpointError(
@@ -404,30 +412,35 @@ def save(
 
 def read(path) -> dict:
     """A checkpoint's contents; a file that is not a readable distalex checkpoint: one-line
-    :class:`CheckpointError` (exit 2).  Nothing in the file is executed."""
+    :class:`CheckpointError` (exit 2).  Nothing in the file is executed.
+
+    The file is opened by :func:`distalex.runtime.io.open_for_reading` (a FIFO, a device or a
+    directory is refused at once, never read) and safetensors reads that very file through
+    :func:`~distalex.runtime.io.reopen_path`.  Its tensors are loaded into memory, so a file
+    larger than the machine's memory (:func:`~distalex.runtime.hostmem.memory_limit`) is
+    refused from its size."""
     from safetensors import safe_open
 
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a directory, not a checkpoint file")
-    if path.exists() and not path.is_file():  # a FIFO would block the reader, a device never end
-        raise CheckpointError(f"checkpoint '{path}' is not a regular file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            meta = fh.metadata()
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # truncated, not safetensors, a pickle, unreadable ...
-        raise CheckpointError(
-            f"checkpoint '{path}' cannot be read ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'}){_pickle_hint(path)}"
-        ) from None
+    with open_for_reading(path, what="checkpoint", max_bytes=memory_limit(), error=CheckpointError) as checked:
+        try:
+            with safe_open(reopen_path(checked), framework="pt", device="cpu") as fh:
+                meta = fh.metadata()
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # truncated, not safetensors, a pickle, unreadable ...
+            raise CheckpointError(
+                f"checkpoint '{path}' cannot be read ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'}){_pickle_hint(checked)}"
+            ) from None
     return decode(meta, tensors, path)
 
 
-def _pickle_hint(path: Path) -> str:
+def _pickle_hint(fh) -> str:
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
+        fh.seek(0)
+        head = fh.read(4)
     except OSError:
         return ""
     pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")

@@ -207,7 +207,7 @@ def test_the_peak_is_of_the_precision_the_process_trains_in(precision, card, tf3
         mp.setattr(torch.backends.cudnn, "allow_tf32", tf32)
         # The real cpu_peak, measuring nothing and caching nowhere.
         mp.setattr(peak_mod, "measure_matmul_tflops", lambda *a, **k: 1.0)
-        mp.setattr(peak_mod, "_read_cache", lambda path: {})
+        mp.setattr(peak_mod, "_read_cache", lambda path: ({}, None))
         mp.setattr(peak_mod, "write_json", lambda *a, **k: None)
         util, line = for_run(train, placement, precision)
     if card is None:
