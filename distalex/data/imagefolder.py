@@ -404,8 +404,9 @@ class ImageFolderLoader:
             x = x.contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=self.pin)
 
-    def _finish(self, raw, rows: int) -> Batch:
-        """A worker's batch (this process's share) -> the replica's whole float batch on the device."""
+    def _finish(self, raw, rows: int, shared: bool) -> Batch:
+        """A worker's batch -> the replica's whole float batch on the device; ``shared``: the
+        batch is this process's share, to be gathered with the other members'."""
         if self.legacy:
             return self._to_device(*raw)
         if isinstance(raw, tuple) and hasattr(raw, "jpegs"):  # data.decode=gpu
@@ -415,15 +416,16 @@ class ImageFolderLoader:
         else:  # evaluation crops: no lighting
             (pixels, labels), shifts = raw, None
         fields = [t.to(self.device, non_blocking=self.pin) for t in (pixels, shifts, labels) if t is not None]
-        if self.share is not None:
+        if shared:
             fields = gather_rows(fields, rows, self.share)
         pixels, labels = fields[0], fields[-1]
         shifts = fields[1] if shifts is not None else None
         with record_function("data:finish"):  # profile label (distalex/telemetry/profiling.py)
             return finish_batch(pixels, shifts, IMAGENET_MEAN, self.memory_format), labels
 
-    def _iterate(self, loader: DataLoader, rows: Iterable[int]) -> Iterator[Batch]:
-        """The loader's batches finished on the device; ``rows``: each batch's rows in the replica."""
+    def _iterate(self, loader: DataLoader, rows: Iterable[int], shared: bool = False) -> Iterator[Batch]:
+        """The loader's batches finished on the device; ``rows``: each batch's rows in the replica;
+        ``shared``: each batch is this process's share (gathered with the replica's others)."""
         batches = iter(loader)
         for n in rows:
             with record_function("data:load"):  # profile label (distalex/telemetry/profiling.py)
@@ -433,7 +435,7 @@ class ImageFolderLoader:
                     return
                 except DataFailure as exc:
                     raise _one_line(exc) from None
-                batch = self._finish(raw, n)
+                batch = self._finish(raw, n, shared)
             yield batch
 
     def _train_dataset(self) -> tuple[Dataset, Callable | None]:
@@ -447,8 +449,8 @@ class ImageFolderLoader:
         if self.share is not None and self.share.train_pixels == "first" and self.share.member > 0:
             yield from self._labels_only(epoch, start_batch)
             return
+        shared = self.share is not None and self.share.train_pixels == "all"
         if self._train_loader is None:
-            shared = self.share is not None and self.share.train_pixels == "all"
             self._sampler = EpochBatchSampler(self.plan, self.share if shared else None)
             dataset, collate = self._train_dataset()
             kwargs = self._loader_kwargs() | ({"collate_fn": collate} if collate else {})
@@ -456,7 +458,7 @@ class ImageFolderLoader:
         # The sampler is read when the DataLoader's iterator is (re)started, i.e. at
         # the first next() below, so set it inside the generator.
         self._sampler.epoch, self._sampler.start_batch = epoch, start_batch
-        yield from self._iterate(self._train_loader, itertools.repeat(self.plan.local_batch))
+        yield from self._iterate(self._train_loader, itertools.repeat(self.plan.local_batch), shared)
 
     def _labels_only(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         """A pipeline stage after the first: the labels of every batch (from the file list, no
@@ -479,7 +481,7 @@ class ImageFolderLoader:
                 dataset = EvalSamples(self.samples, self.eval_crops)
                 loader = DataLoader(dataset, batch_sampler=mine, **self._loader_kwargs())
             self._eval_loaders[batch_size] = loader
-        yield from self._iterate(loader, [len(b) for b in batches])
+        yield from self._iterate(loader, [len(b) for b in batches], self.share is not None)
 
 
 def decode_on(decode: str, device: torch.device) -> str:
