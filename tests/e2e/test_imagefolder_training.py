@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from distalex.model.alexnet import AlexNetSpec
+from distalex.parallel.comm import input_bytes_per_step
 
 from helpers import PAPER, SPLIT_MODES, cli_env, make_folder, metrics, run_cli, step_losses, summary
 
@@ -156,3 +157,15 @@ def test_fewer_than_five_classes_reports_no_top5(tmp_path):
     s = summary(out)
     assert 0.0 <= s["test_acc"] <= 1.0 and "test_top5" not in s
     assert all("test_top5" not in r for r in metrics(out))
+
+
+def test_the_bytes_sharing_the_decoded_batch_sends_are_counted(runs):
+    """Each tower sends its half of every batch (uint8 crops, lighting shifts, labels) once:
+    the gather's own count equals the formula, in every logged row; no other placement shares."""
+    expected = input_bytes_per_step(BATCH, IMAGE, 2)
+    assert expected == (BATCH // 2) * (3 * IMAGE * IMAGE + 20)
+    rows = [r for r in metrics(runs["mp"]) if "train_acc" not in r]
+    assert rows and all(r["input_bytes_per_step"] == expected for r in rows)
+    assert summary(runs["mp"])["input_bytes_per_step"] == expected
+    for name in ("single", "ddp", "pipe"):
+        assert "input_bytes_per_step" not in summary(runs[name]), name

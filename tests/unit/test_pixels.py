@@ -225,15 +225,22 @@ def test_rgb_jpegs_go_to_the_device_and_every_other_file_is_decoded_in_the_worke
     assert kinds["gray.jpg"] == kinds["cmyk.jpg"] == kinds["img1.png"] == "crop"
 
 
-def test_device_decode_gives_the_cpu_paths_crops(folder):
+CUDA = pytest.param(
+    torch.device("cuda"), marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+)
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_device_decode_gives_the_cpu_paths_crops(folder, device):
     """The same rows, draws and geometry as data.decode=cpu; the pixels differ only by the
     decoders' and resizers' rounding (a full-size decode + tensor resize against the CPU path's
     reduced-DCT-scale decode + PIL's resize) -- here with the decode call on the CPU
-    (libjpeg-turbo); nvJPEG's bound is the GPU check of bench/gpu_decode_check.py."""
+    (libjpeg-turbo) and, where there is one, on CUDA (nvJPEG: the geometry only; its pixel bound
+    is measured by the GPU check bench/gpu_decode_check.py)."""
     samples = train_samples(folder)
     items = encoded_items(samples, epoch=1)
     batch = collate_encoded(items)
-    got = decode_batch(batch, S, CPU)
+    got = decode_batch(batch, S, device).cpu()
     crop = CropTransform(RESIZE, S, imagefolder.PCALighting(0.1))
     cpu = imagefolder.TrainSamples(samples, crop, seed=3)
     for row, (path, label) in enumerate(samples):
@@ -248,6 +255,8 @@ def test_device_decode_gives_the_cpu_paths_crops(folder):
         assert diff < 0.5 * (a[..., 1:] - b[..., :-1]).abs().float().mean(), path
         assert diff < 0.5 * (a[..., 1:, :] - b[..., :-1, :]).abs().float().mean(), path
         assert diff < 0.5 * (a.flip(-1) - b).abs().float().mean(), path
+        if device.type == "cuda":
+            continue
         with Image.open(path) as im:
             full = im.size
             im.draft("RGB", (RESIZE, RESIZE))
@@ -266,3 +275,29 @@ def test_gpu_decode_without_a_gpu_is_refused():
     assert imagefolder.decode_on("auto", CPU) == "cpu" and imagefolder.decode_on("auto", torch.device("cuda")) == "gpu"
     with pytest.raises(ConfigError, match="data.pipeline=uint8"):
         cfg_of("data.pipeline=float", "data.decode=gpu")
+
+
+def test_every_augmentation_draw_goes_through_draw_crop():
+    """One mechanism for a sample's random draws: in distalex/data, torch's random functions
+    are called only by draw_crop, the lighting's own draw (which draw_crop calls) and the
+    synthetic set's generator -- a new path cannot draw its own numbers and drift from the rest."""
+    import ast
+
+    from helpers import ROOT
+
+    allowed = {("pixels.py", "draw_crop"), ("imagefolder.py", "offset"), ("synthetic.py", "make_synthetic")}
+    found = set()
+    for path in (ROOT / "distalex" / "data").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("rand", "randn", "randint", "randperm", "normal", "bernoulli")
+                    and getattr(node.func.value, "id", None) == "torch"
+                ):
+                    found.add((path.name, fn.name))
+    assert found - {("common.py", "epoch_permutation")} <= allowed, found
