@@ -156,12 +156,37 @@ def rate(batches, sink=None) -> float:
     return n / (time.perf_counter() - start)
 
 
+def decode_only(root: Path, resize: int):
+    """What every row pays first: the file decoded to RGB (reduced DCT scale where allowed)."""
+    from distalex.data.imagefolder import _load_rgb
+
+    for path, label in scan_split(root / "train")[1]:
+        img = _load_rgb(path, resize)
+        yield torch.empty((1, *img.size)), label
+
+
+def gpu_decode_worker_side(root: Path, batch: int, image: int, resize: int):
+    """data.decode=gpu, the CPU's part only: read the bytes, parse the header, draw the crop
+    (the decode, resize and crop then run on the GPU: bench/gpu_decode_check.py)."""
+    from distalex.data.imagefolder import PCALighting
+    from distalex.data.pixels import CropTransform, EncodedSamples, collate_encoded
+
+    samples = scan_split(root / "train")[1]
+    ds = EncodedSamples(samples, CropTransform(resize, image, PCALighting(0.1)), seed=0)
+    plan = GlobalBatchPlan(len(samples), batch, seed=0)
+    for index in plan.epoch_indices(0):
+        enc = collate_encoded([ds[(i, 0)] for i in index.tolist()])
+        yield enc.labels, enc.labels
+
+
 def single_core_rows(root: Path, args) -> dict:
     rows = {
+        "decode only (every row pays it)": lambda: decode_only(root, args.resize),
         "torchvision RandomResizedCrop": lambda: torchvision_loader(root, "rrc", args.batch, args.image, args.resize),
         "torchvision Resize+RandomCrop": lambda: torchvision_loader(root, "rc", args.batch, args.image, args.resize),
         "distalex float (before)": lambda: distalex_loader(root, "float", args.batch, args.image, args.resize).epoch(0),
         "distalex uint8 (now)": lambda: distalex_loader(root, "uint8", args.batch, args.image, args.resize).epoch(0),
+        "distalex decode=gpu, CPU side only": lambda: gpu_decode_worker_side(root, args.batch, args.image, args.resize),
     }
     times = {k: [] for k in rows}
     for _ in range(args.rounds):

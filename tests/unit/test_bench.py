@@ -72,8 +72,8 @@ def test_input_pipeline_bench_runs_every_row_and_writes_json(tmp_path):
     assert any(name.startswith("generated 500x375") for name in sets)
     for rows in sets.values():
         assert sorted(rows) == sorted(
-            ["torchvision RandomResizedCrop", "torchvision Resize+RandomCrop", "distalex float (before)",
-             "distalex uint8 (now)"]
+            ["decode only (every row pays it)", "torchvision RandomResizedCrop", "torchvision Resize+RandomCrop",
+             "distalex float (before)", "distalex uint8 (now)", "distalex decode=gpu, CPU side only"]
         )  # fmt: skip
         assert all(v > 0 and math.isfinite(v) for v in rows.values())
 
