@@ -86,8 +86,9 @@ class DataConfig:
     # training device; float -- all of it on the CPU in float (the older pipeline, for comparison).
     pipeline: str = "uint8"
     # imagefolder: where training JPEGs are decoded: cpu (workers), gpu (batched nvJPEG on the
-    # CUDA device; other files still on the CPU), auto (gpu on a CUDA device, else cpu).
-    decode: str = "auto"
+    # CUDA device; other files still on the CPU), auto (gpu on a CUDA device, else cpu).  cpu by
+    # default until nvJPEG's pixels and speed are measured on a GPU (bench/gpu_decode_check.py).
+    decode: str = "cpu"
 
 
 @dataclass

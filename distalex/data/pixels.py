@@ -280,6 +280,13 @@ def crop_decoded(img: torch.Tensor, geometry: Sequence[int], size: int) -> torch
     return x.flip(-1) if flip else x
 
 
+def _decode_one(data: torch.Tensor, device: torch.device, decode_jpeg, mode) -> torch.Tensor:
+    try:
+        return decode_jpeg([data], mode=mode, device=device)[0]
+    except RuntimeError:
+        return decode_jpeg(data.cpu(), mode=mode).to(device)
+
+
 def decode_batch(batch: Encoded, size: int, device: torch.device) -> torch.Tensor:
     """uint8 [B, 3, S, S] on ``device``: the JPEGs decoded there in one batched call, the
     CPU-decoded rows copied in."""
@@ -294,7 +301,13 @@ def decode_batch(batch: Encoded, size: int, device: torch.device) -> torch.Tenso
     if batch.jpegs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            images = decode_jpeg(list(batch.jpegs), mode=ImageReadMode.RGB, device=device)
+            try:
+                images = decode_jpeg(list(batch.jpegs), mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:
+                # One file the device decoder refuses (a JPEG feature nvJPEG lacks) must not stop
+                # the batch: each file alone, and the ones it still refuses on the CPU (the same
+                # libjpeg-turbo the CPU path uses), moved to the device.
+                images = [_decode_one(data, device, decode_jpeg, ImageReadMode.RGB) for data in batch.jpegs]
         for img, geo in zip(images, batch.geometry.tolist(), strict=True):
             out[geo[0]] = crop_decoded(img, geo[1:], size)
     return out

@@ -269,6 +269,26 @@ def test_device_decode_gives_the_cpu_paths_crops(folder, device):
             assert (a - b).abs().max() <= 2, (path, (a - b).abs().max())
 
 
+def test_a_file_the_batched_decode_refuses_is_decoded_alone_or_on_the_cpu(folder, monkeypatch):
+    import torchvision.io
+
+    samples = train_samples(folder)
+    batch = collate_encoded(encoded_items(samples))
+    expected = decode_batch(batch, S, CPU)
+    real = torchvision.io.decode_jpeg
+    calls = []
+
+    def picky(data, mode=None, device="cpu"):
+        calls.append(type(data).__name__)
+        if isinstance(data, list) and (len(data) > 1 or data[0] is batch.jpegs[0]):  # as nvJPEG on one bad file
+            raise RuntimeError("unsupported JPEG")
+        return real(data, mode=mode, device=device)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", picky)
+    assert torch.equal(decode_batch(batch, S, CPU), expected)
+    assert calls.count("Tensor") == 1  # the refused file, alone on the CPU
+
+
 def test_gpu_decode_without_a_gpu_is_refused():
     with pytest.raises(ConfigError, match="data.decode.*CUDA"):
         imagefolder.decode_on("gpu", CPU)
