@@ -93,6 +93,11 @@ def compare(root: Path, device: torch.device, resize: int, size: int) -> dict:
     }
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def loader_rate(root: Path, decode: str, workers: int, batch: int, device) -> float:
     cfg = load_config(
         None,
@@ -105,14 +110,15 @@ def loader_rate(root: Path, decode: str, workers: int, batch: int, device) -> fl
         ],
     )
     samples = scan_split(root / "train")[1]
+    batch = min(batch, len(samples))
     loader = ImageFolderLoader(samples, cfg, GlobalBatchPlan(len(samples), batch, seed=0), device)
     for _ in loader.epoch(0):  # warm: workers started, CUDA kernels and nvJPEG initialised
         break
-    torch.cuda.synchronize(device)
+    sync(device)
     start, n = time.perf_counter(), 0
     for x, _ in loader.epoch(1):
         n += x.shape[0]
-    torch.cuda.synchronize(device)
+    sync(device)
     return n / (time.perf_counter() - start)
 
 
@@ -122,11 +128,11 @@ def decode_rate(root: Path, device, batch: int) -> float:
     files = sorted((root / "train").rglob("*.jpg"))[:batch]
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(10):
         decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    torch.cuda.synchronize(device)
+    sync(device)
     return 10 * len(data) / (time.perf_counter() - start)
 
 
@@ -135,19 +141,21 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
+    ap.add_argument("--dry-run-on-cpu", action="store_true", help="the same code with the decode on the CPU")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_decode_check: no CUDA device; this is a GPU check")
+    if not torch.cuda.is_available() and not args.dry_run_on_cpu:
+        print("gpu_decode_check: no CUDA device; this is a GPU check (--dry-run-on-cpu to try the script)")
         return 2
-    device = torch.device("cuda")
-    out: dict = {"device": torch.cuda.get_device_name(device), "args": vars(args)}
+    device = torch.device("cpu" if args.dry_run_on_cpu else "cuda")
+    name = "cpu (dry run)" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    out: dict = {"device": name, "args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="gpu_decode_") as tmp:
         imagenet = write_set(Path(tmp, "a"), args.images, (500, 375), 0, extras=True)
         large = write_set(Path(tmp, "b"), max(16, args.images // 8), (1000, 750), 1)
         out["bound_500x375"] = compare(imagenet, device, 256, 224)
         out["bound_1000x750_half_scale_on_cpu"] = compare(large, device, 256, 224)
         out["decode_call_images_per_s"] = round(decode_rate(imagenet, device, args.batch), 1)
-        for decode in ("gpu", "cpu"):
+        for decode in ("gpu", "cpu") if device.type == "cuda" else ("cpu",):
             out[f"loader_{decode}_samples_per_s"] = round(
                 loader_rate(imagenet, decode, args.workers, args.batch, device), 1
             )
