@@ -51,6 +51,8 @@ STEP_KEYS = (
 # Upper bounds of values that are absurd beyond them (each is far above any real run).
 MAX_WIDTH = 16
 MAX_WORKERS = 256
+PIPELINES = ("uint8", "float")  # data.pipeline
+DECODES = ("cpu", "gpu", "auto")  # data.decode
 MAX_TIMEOUT_S = 30 * 24 * 3600
 MAX_THREADS = 1024  # CPU threads per process; the largest machines have a few hundred cores
 
@@ -84,6 +86,13 @@ class DataConfig:
     num_workers: int = 4  # DataLoader workers (imagefolder only)
     resize_size: int = 256  # imagefolder: shorter side before the crop (paper §2)
     pca_sigma: float = 0.1  # imagefolder: PCA lighting noise (paper §4.1)
+    # imagefolder: uint8 -- workers make uint8 crops, the float work (lighting, mean) runs on the
+    # training device; float -- all of it on the CPU in float (the older pipeline, for comparison).
+    pipeline: str = "uint8"
+    # imagefolder: where training JPEGs are decoded: cpu (workers), gpu (batched nvJPEG on the
+    # CUDA device; other files still on the CPU), auto (gpu on a CUDA device, else cpu).  cpu by
+    # default until nvJPEG's pixels and speed are measured on a GPU (bench/gpu_decode_check.py).
+    decode: str = "cpu"
 
 
 @dataclass
@@ -509,6 +518,13 @@ def validate(cfg: DictConfig) -> None:
     _require(d.synthetic_train_size >= 1, "data.synthetic_train_size", "must be >= 1")
     _require(d.synthetic_test_size >= 1, "data.synthetic_test_size", "must be >= 1")
     _require(d.pca_sigma >= 0, "data.pca_sigma", f"must be >= 0, got {d.pca_sigma}")
+    _require(d.pipeline in PIPELINES, "data.pipeline", f"must be one of {PIPELINES}, got '{d.pipeline}'")
+    _require(d.decode in DECODES, "data.decode", f"must be one of {DECODES}, got '{d.decode}'")
+    _require(
+        not (d.pipeline == "float" and d.decode == "gpu"),
+        "data.decode",
+        "gpu needs data.pipeline=uint8 (the float pipeline decodes on the CPU)",
+    )
     _require(
         0 <= d.num_workers <= MAX_WORKERS,
         "data.num_workers",

@@ -70,7 +70,12 @@ PLAN = [
     "tests/unit/test_imagefolder.py",
     "tests/distributed/test_placements.py",
 ]
-AUGMENT = ["tests/unit/test_imagefolder.py", "tests/e2e/test_imagefolder_training.py"]
+AUGMENT = [
+    "tests/unit/test_imagefolder.py",
+    "tests/unit/test_augmentation.py",
+    "tests/unit/test_pixels.py",
+    "tests/e2e/test_imagefolder_training.py",
+]
 EVAL = [
     "tests/unit/test_imagefolder.py",
     "tests/e2e/test_imagefolder_training.py",
@@ -108,9 +113,9 @@ MUTANTS = [
     ),
     Mutant(
         "flip-never-applied",
-        "distalex/data/imagefolder.py",
-        "        if flip:\n            x = x.flip(-1)",
-        "        if flip:\n            x.flip(-1)",
+        "distalex/data/pixels.py",
+        "return (x.flip(-1) if flip else x), shift",
+        "return x, shift",
         AUGMENT,
         "the horizontal flip's result is dropped (out-of-place op)",
     ),
@@ -265,17 +270,17 @@ MUTANTS = [
     ),
     Mutant(
         "crop-position-off-by-one",
-        "distalex/data/imagefolder.py",
-        "left = int(torch.randint(0, w - s + 1, (1,), generator=g))",
-        "left = int(torch.randint(0, w - s, (1,), generator=g))",
+        "distalex/data/pixels.py",
+        "left = int(torch.randint(0, width - size + 1, (1,), generator=g))",
+        "left = int(torch.randint(0, width - size, (1,), generator=g))",
         AUGMENT,
         "the rightmost crop position is never drawn",
     ),
     Mutant(
         "lighting-not-applied",
-        "distalex/data/imagefolder.py",
-        "return subtract_mean(self.lighting(x, g))",
-        "return subtract_mean(x)",
+        "distalex/data/pixels.py",
+        "        x.add_(shifts.to(x.device, x.dtype).view(per_row))",
+        "        pass",
         AUGMENT,
         "the PCA lighting is never applied in training",
     ),

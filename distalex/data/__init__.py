@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from distalex.data.common import BatchLoader, DataBundle, GlobalBatchPlan, SharedCheck, epoch_permutation
+from distalex.data.common import (
+    BatchLoader,
+    DataBundle,
+    GlobalBatchPlan,
+    ReplicaShare,
+    SharedCheck,
+    epoch_permutation,
+)
 from distalex.data.fashion_mnist import (
     DEBIAN_FASHION_MNIST,
     FASHION_MNIST_CLASSES,
@@ -30,6 +37,7 @@ __all__ = [
     "DeviceLoader",
     "GlobalBatchPlan",
     "InMemoryDataset",
+    "ReplicaShare",
     "SharedCheck",
     "build_data",
     "build_test_data",
@@ -41,14 +49,22 @@ __all__ = [
 ]
 
 
-def build_data(cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None) -> DataBundle:
+def build_data(
+    cfg,
+    replica: int,
+    replicas: int,
+    device: torch.device,
+    check: SharedCheck | None = None,
+    share: ReplicaShare | None = None,
+) -> DataBundle:
     """The train and test loaders of ``cfg.data`` for replica ``replica`` of ``replicas``.
-    ``check``: how the processes share the start-up check of image files (ImageFolder)."""
+    ``check``: how the processes share the start-up check of image files (ImageFolder);
+    ``share``: how the processes of one replica share the decoding of its batches (ImageFolder)."""
     d, m, t = cfg.data, cfg.model, cfg.train
     if d.name == "imagefolder":
         from distalex.data.imagefolder import build_imagefolder
 
-        bundle = build_imagefolder(cfg, replica, replicas, device, check)
+        bundle = build_imagefolder(cfg, replica, replicas, device, check, share)
     else:
         bundle = _in_memory(cfg, replica, replicas, device)
     n = bundle.train.plan.n
@@ -82,7 +98,12 @@ def _in_memory(cfg, replica: int, replicas: int, device: torch.device) -> DataBu
 
 
 def build_test_data(
-    cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None
+    cfg,
+    replica: int,
+    replicas: int,
+    device: torch.device,
+    check: SharedCheck | None = None,
+    share: ReplicaShare | None = None,
 ) -> tuple[BatchLoader, tuple[str, ...], list[str]]:
     """The evaluation split of ``cfg.data`` alone (Fashion-MNIST's test set, the synthetic
     test set, an ImageFolder's val/): this replica's loader, the class names and warnings."""
@@ -90,7 +111,7 @@ def build_test_data(
     if d.name == "imagefolder":
         from distalex.data.imagefolder import build_imagefolder_val
 
-        loader, classes, warnings = build_imagefolder_val(cfg, replica, replicas, device, check)
+        loader, classes, warnings = build_imagefolder_val(cfg, replica, replicas, device, check, share)
     else:
         bundle = _in_memory(cfg, replica, replicas, device)
         loader, classes, warnings = bundle.test, bundle.classes, bundle.warnings

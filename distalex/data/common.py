@@ -105,3 +105,21 @@ class SharedCheck:
     world: int = 1
     min_over_ranks: Callable[[int], int] = _same
     progress: bool = False
+
+
+@dataclass(frozen=True)
+class ReplicaShare:
+    """How the processes of one replica (model-parallel towers, pipeline stages) share the
+    decoding of their replica's batches, which all of them would otherwise decode in full.
+
+    Member ``member`` of ``members`` decodes its share of every batch and ``gather`` (a
+    collective over the replica's group, given by the placement, which counts its bytes)
+    returns every member's uint8 ``[rows, bytes]`` share concatenated in member order.
+    ``train_pixels``: ``"all"`` -- every member needs the training images (towers);
+    ``"first"`` -- only member 0 does (the first pipeline stage; the others need the labels,
+    which come from the file list, no file opened)."""
+
+    member: int = 0
+    members: int = 1
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+    train_pixels: str = "all"

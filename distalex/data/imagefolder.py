@@ -22,8 +22,9 @@ number of DataLoader workers and a resume at any batch see identical tensors.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -33,9 +34,22 @@ from torch import nn
 from torch.autograd.profiler import record_function
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from distalex.data.common import Batch, DataBundle, GlobalBatchPlan, SharedCheck
+from distalex.data.common import Batch, DataBundle, GlobalBatchPlan, ReplicaShare, SharedCheck
 from distalex.data.images import UNREADABLE, open_image_file, to_mode, why_unreadable
-from distalex.errors import DataError, DataFailure
+from distalex.data.pixels import (
+    CropTransform,
+    EncodedSamples,
+    EvalCrops,
+    collate_encoded,
+    decode_batch,
+    draw_crop,
+    finish_batch,
+    gather_rows,
+    my_share,
+    sample_generator,
+    ten_crop,
+)
+from distalex.errors import ConfigError, DataError, DataFailure
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # ImageNet statistics on [0, 1] RGB (the values fb.resnet.torch and torchvision use).
@@ -84,23 +98,8 @@ class PCALighting(nn.Module):
         return f"sigma={self.sigma}"
 
 
-def ten_crop(img: torch.Tensor, size: int) -> torch.Tensor:
-    """[C, H, W] -> [10, C, size, size]: crops 0..4 are top-left, top-right,
-    bottom-left, bottom-right and centre (torchvision's ``five_crop`` order);
-    crop ``k + 5`` is the horizontal mirror of crop ``k``."""
-    five = torch.stack(TF.five_crop(img, [size, size]))
-    return torch.cat([five, five.flip(-1)])
-
-
 def subtract_mean(img: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN) -> torch.Tensor:
     return img - torch.tensor(mean, dtype=img.dtype).view(-1, 1, 1)
-
-
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator of one training sample's augmentation: a function of
-    (seed, epoch, index) only, so workers and resumes reproduce it."""
-    key = ((seed * 1_000_003 + epoch) * 2_654_435_761 + index) & ((1 << 63) - 1)
-    return torch.Generator().manual_seed(key)
 
 
 def _load_rgb(path: str, min_side: int = 0) -> Image.Image:
@@ -178,7 +177,8 @@ def verify_images(samples: list[Sample], share: SharedCheck) -> None:
 
 
 class TrainTransform:
-    """PIL image + generator -> float [3, S, S] (resize, random crop, flip, lighting, mean)."""
+    """PIL image + generator -> float [3, S, S] (resize, random crop, flip, lighting, mean), all
+    on the CPU: ``data.pipeline=float``, the pipeline before the uint8 one (kept for comparison)."""
 
     def __init__(self, resize_size: int, image_size: int, pca_sigma: float):
         self.resize_size, self.image_size = resize_size, image_size
@@ -186,16 +186,15 @@ class TrainTransform:
 
     def __call__(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
         img = TF.resize(img, self.resize_size)  # shorter side -> resize_size
-        w, h = img.size
         s = self.image_size
-        top = int(torch.randint(0, h - s + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - s + 1, (1,), generator=g))
+        top, left, flip, shift = draw_crop(g, *img.size, s, self.lighting)
         img = img.crop((left, top, left + s, top + s))
-        flip = bool(torch.rand(1, generator=g) < 0.5)
         x = TF.to_tensor(img)
         if flip:
             x = x.flip(-1)
-        return subtract_mean(self.lighting(x, g))
+        if self.lighting.sigma:
+            x = x + shift.to(x.dtype).view(3, 1, 1)
+        return subtract_mean(x)
 
 
 class EvalTransform:
@@ -296,11 +295,14 @@ class TrainSamples(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
+        """(float image, label) with :class:`TrainTransform`; (uint8 crop, lighting shift,
+        label) with :class:`~distalex.data.pixels.CropTransform`."""
         index, epoch = key
         path, label = self.samples[index]
         img = _load_rgb(path, self.transform.resize_size)
-        return self.transform(img, sample_generator(self.seed, epoch, index)), label
+        out = self.transform(img, sample_generator(self.seed, epoch, index))
+        return (*out, label) if isinstance(out, tuple) else (out, label)
 
 
 class EvalSamples(Dataset):
@@ -316,14 +318,15 @@ class EvalSamples(Dataset):
 
 
 class EpochBatchSampler:
-    """This replica's slice of every global batch of one epoch, from ``start_batch``.
+    """This replica's slice of every global batch of one epoch, from ``start_batch``; with a
+    ``share``, this process's share of that slice (:func:`~distalex.data.pixels.my_share`).
 
     Mutable (``epoch``/``start_batch``) so one DataLoader with persistent
     workers serves every epoch; each index carries its epoch to the worker.
     """
 
-    def __init__(self, plan: GlobalBatchPlan):
-        self.plan = plan
+    def __init__(self, plan: GlobalBatchPlan, share: ReplicaShare | None = None):
+        self.plan, self.share = plan, share
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
@@ -332,7 +335,14 @@ class EpochBatchSampler:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
         for index in self.plan.epoch_indices(epoch, self.start_batch):
-            yield [(i, epoch) for i in index.tolist()]
+            batch = [(i, epoch) for i in index.tolist()]
+            yield my_share(batch, self.share) if self.share else batch
+
+
+def eval_batches_of(plan: GlobalBatchPlan, batch_size: int) -> list[list[int]]:
+    """This replica's evaluation rows in batches of ``batch_size`` (every example once over all replicas)."""
+    share = plan.eval_range()
+    return [list(range(a, min(a + batch_size, share.stop))) for a in range(share.start, share.stop, batch_size)]
 
 
 def _one_line(exc: DataFailure) -> DataFailure:
@@ -346,17 +356,36 @@ def _one_line(exc: DataFailure) -> DataFailure:
 class ImageFolderLoader:
     """DeviceLoader's interface over image files: ``batches_per_epoch``,
     ``epoch(epoch, start_batch)`` (augmented training batches) and
-    ``eval_batches(batch_size)`` (evaluation crops, every example once)."""
+    ``eval_batches(batch_size)`` (evaluation crops, every example once).
 
-    def __init__(self, samples: list[Sample], cfg, plan: GlobalBatchPlan, device: torch.device):
+    ``data.pipeline=uint8`` (the default): the workers yield uint8 crops (decoded on the CPU,
+    or with ``data.decode=gpu`` file bytes decoded on the device), the float work runs on the
+    device (:mod:`distalex.data.pixels`); ``share``: how this replica's processes split the
+    decoding.  ``data.pipeline=float``: the older pipeline, float on the CPU, every process
+    decoding its replica's whole batch."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        cfg,
+        plan: GlobalBatchPlan,
+        device: torch.device,
+        share: ReplicaShare | None = None,
+    ):
         d, t = cfg.data, cfg.train
         self.samples, self.plan = samples, plan
         self.device = torch.device(device)
         self.num_workers = d.num_workers
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.pin = self.device.type == "cuda"
+        self.legacy = d.pipeline == "float"
+        self.decode = decode_on(d.decode, self.device)
+        self.share = share if share is not None and share.members > 1 and not self.legacy else None
+        self.image_size = d.image_size
         self.train_transform = TrainTransform(d.resize_size, d.image_size, d.pca_sigma)
+        self.crop_transform = CropTransform(d.resize_size, d.image_size, self.train_transform.lighting)
         self.eval_transform = EvalTransform(d.resize_size, d.image_size, cfg.eval.ten_crop)
+        self.eval_crops = EvalCrops(d.resize_size, d.image_size, cfg.eval.ten_crop)
         self._sampler: EpochBatchSampler | None = None
         self._train_loader: DataLoader | None = None
         self._eval_loaders = {}
@@ -368,7 +397,7 @@ class ImageFolderLoader:
         # (Augmentation never uses it: see sample_generator.)
         return dict(
             num_workers=self.num_workers,
-            pin_memory=self.pin,
+            pin_memory=self.pin,  # uint8 batches through pinned memory to the GPU
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.plan.seed),
         )
@@ -383,44 +412,109 @@ class ImageFolderLoader:
             x = x.contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=self.pin)
 
-    def _iterate(self, loader: DataLoader) -> Iterator[Batch]:
+    def _finish(self, raw, rows: int, shared: bool) -> Batch:
+        """A worker's batch -> the replica's whole float batch on the device; ``shared``: the
+        batch is this process's share, to be gathered with the other members'."""
+        if self.legacy:
+            return self._to_device(*raw)
+        if isinstance(raw, tuple) and hasattr(raw, "jpegs"):  # data.decode=gpu
+            pixels, shifts, labels = decode_batch(raw, self.image_size, self.device), raw.shifts, raw.labels
+        elif len(raw) == 3:  # training crops
+            pixels, shifts, labels = raw
+        else:  # evaluation crops: no lighting
+            (pixels, labels), shifts = raw, None
+        fields = [t.to(self.device, non_blocking=self.pin) for t in (pixels, shifts, labels) if t is not None]
+        if shared:
+            fields = gather_rows(fields, rows, self.share)
+        pixels, labels = fields[0], fields[-1]
+        shifts = fields[1] if shifts is not None else None
+        with record_function("data:finish"):  # profile label (distalex/telemetry/profiling.py)
+            return finish_batch(pixels, shifts, IMAGENET_MEAN, self.memory_format), labels
+
+    def _iterate(self, loader: DataLoader, rows: Iterable[int], shared: bool = False) -> Iterator[Batch]:
+        """The loader's batches finished on the device; ``rows``: each batch's rows in the replica;
+        ``shared``: each batch is this process's share (gathered with the replica's others)."""
         batches = iter(loader)
-        while True:
+        for n in rows:
             with record_function("data:load"):  # profile label (distalex/telemetry/profiling.py)
                 try:
-                    x, y = next(batches)
+                    raw = next(batches)
                 except StopIteration:
                     return
                 except DataFailure as exc:
                     raise _one_line(exc) from None
-                batch = self._to_device(x, y)
+                batch = self._finish(raw, n, shared)
             yield batch
 
+    def _train_dataset(self) -> tuple[Dataset, Callable | None]:
+        if self.legacy:
+            return TrainSamples(self.samples, self.train_transform, self.plan.seed), None
+        if self.decode == "gpu":
+            return EncodedSamples(self.samples, self.crop_transform, self.plan.seed), collate_encoded
+        return TrainSamples(self.samples, self.crop_transform, self.plan.seed), None
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        if self.share is not None and self.share.train_pixels == "first" and self.share.member > 0:
+            yield from self._labels_only(epoch, start_batch)
+            return
+        shared = self.share is not None and self.share.train_pixels == "all"
         if self._train_loader is None:
-            self._sampler = EpochBatchSampler(self.plan)
-            dataset = TrainSamples(self.samples, self.train_transform, self.plan.seed)
-            self._train_loader = DataLoader(dataset, batch_sampler=self._sampler, **self._loader_kwargs())
+            self._sampler = EpochBatchSampler(self.plan, self.share if shared else None)
+            dataset, collate = self._train_dataset()
+            kwargs = self._loader_kwargs() | ({"collate_fn": collate} if collate else {})
+            self._train_loader = DataLoader(dataset, batch_sampler=self._sampler, **kwargs)
         # The sampler is read when the DataLoader's iterator is (re)started, i.e. at
         # the first next() below, so set it inside the generator.
         self._sampler.epoch, self._sampler.start_batch = epoch, start_batch
-        yield from self._iterate(self._train_loader)
+        yield from self._iterate(self._train_loader, itertools.repeat(self.plan.local_batch), shared)
+
+    def _labels_only(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        """A pipeline stage after the first: the labels of every batch (from the file list, no
+        file opened) and an empty image tensor in place of the pixels it never reads."""
+        for index in self.plan.epoch_indices(epoch, start_batch):
+            labels = torch.tensor([self.samples[i][1] for i in index.tolist()], dtype=torch.int64)
+            yield torch.empty((len(labels), 0), device=self.device), labels.to(self.device)
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        """Every example once over all replicas; this replica's contiguous share."""
+        """Every example once over all replicas; this replica's contiguous share (decoded
+        shared by its processes, which all evaluate it)."""
+        batches = eval_batches_of(self.plan, batch_size)
         loader = self._eval_loaders.get(batch_size)
         if loader is None:
-            share = Subset(EvalSamples(self.samples, self.eval_transform), self.plan.eval_range())
-            loader = DataLoader(share, batch_size=batch_size, shuffle=False, **self._loader_kwargs())
+            if self.legacy:
+                share = Subset(EvalSamples(self.samples, self.eval_transform), self.plan.eval_range())
+                loader = DataLoader(share, batch_size=batch_size, shuffle=False, **self._loader_kwargs())
+            else:
+                mine = [my_share(b, self.share) if self.share else b for b in batches]
+                dataset = EvalSamples(self.samples, self.eval_crops)
+                loader = DataLoader(dataset, batch_sampler=mine, **self._loader_kwargs())
             self._eval_loaders[batch_size] = loader
-        yield from self._iterate(loader)
+        yield from self._iterate(loader, [len(b) for b in batches], self.share is not None)
+
+
+def decode_on(decode: str, device: torch.device) -> str:
+    """``data.decode`` resolved for this process's device: 'cpu' or 'gpu' (auto: gpu on CUDA)."""
+    if decode == "gpu" and device.type != "cuda":
+        raise ConfigError(
+            f"config key 'data.decode': gpu decodes JPEGs on a CUDA device, but this run trains on "
+            f"{device.type}; use data.decode=cpu or auto"
+        )
+    if decode == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    return decode
 
 
 def build_imagefolder(
-    cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None
+    cfg,
+    replica: int,
+    replicas: int,
+    device: torch.device,
+    check: SharedCheck | None = None,
+    share: ReplicaShare | None = None,
 ) -> DataBundle:
     d, t = cfg.data, cfg.train
     root = _checked_root(cfg)
+    decode_on(d.decode, torch.device(device))  # a GPU decode without a GPU: refused before the files are read
     warnings: list[str] = []
     train_classes, train_samples = scan_split(root / "train", warnings)
     val_classes, val_samples = scan_split(root / "val", warnings)
@@ -437,13 +531,18 @@ def build_imagefolder(
 
     def loader(samples: list[Sample]) -> ImageFolderLoader:
         plan = GlobalBatchPlan(len(samples), t.batch_size, replica, replicas, t.seed)
-        return ImageFolderLoader(samples, cfg, plan, device)
+        return ImageFolderLoader(samples, cfg, plan, device, share)
 
     return DataBundle(loader(train_samples), loader(val_samples), len(train_classes), train_classes, warnings)
 
 
 def build_imagefolder_val(
-    cfg, replica: int, replicas: int, device: torch.device, check: SharedCheck | None = None
+    cfg,
+    replica: int,
+    replicas: int,
+    device: torch.device,
+    check: SharedCheck | None = None,
+    share: ReplicaShare | None = None,
 ) -> tuple[ImageFolderLoader, tuple[str, ...], list[str]]:
     """The val/ split alone (what evaluating a trained network reads): its loader, its
     classes and the warnings; ``train/`` is neither needed nor read."""
@@ -454,7 +553,7 @@ def build_imagefolder_val(
     samples = limit_samples(samples, d.test_limit)
     verify_images(samples, check or SharedCheck())
     plan = GlobalBatchPlan(len(samples), t.batch_size, replica, replicas, t.seed)
-    return ImageFolderLoader(samples, cfg, plan, device), classes, warnings
+    return ImageFolderLoader(samples, cfg, plan, device, share), classes, warnings
 
 
 def _checked_root(cfg) -> Path:

@@ -75,6 +75,19 @@ def tower_bytes_per_step(spec: AlexNetSpec, local_batch: int, element_size: int 
     return out
 
 
+def input_share_bytes(rows: int, row_bytes: int, members: int) -> int:
+    """Bytes one process sends when the ``members`` processes of a replica share the decoding
+    of a batch of ``rows``: its equal share (padded, ``ceil(rows / members)`` rows of
+    ``row_bytes`` uint8 bytes) all-gathered (distalex/data/pixels.py)."""
+    return all_gather_bytes(-(-rows // members) * row_bytes, members, 1)
+
+
+def input_bytes_per_step(local_batch: int, image_size: int, members: int, extra_row_bytes: int = 20) -> int:
+    """Bytes one tower sends per training step to share its replica's decoded batch: each row a
+    uint8 3 x S x S crop plus its lighting shift (3 float32) and label (int64)."""
+    return input_share_bytes(local_batch, 3 * image_size * image_size + extra_row_bytes, members)
+
+
 def hybrid_bytes_per_step(spec: AlexNetSpec, world: int, global_batch: int, element_size: int = 4) -> dict[str, int]:
     """Bytes one rank sends in one training step of the hybrid exchanges (forward + backward):
     each moves a tensor of this rank's rows forward and the same amount back (the adjoint

@@ -35,12 +35,13 @@ from torch.autograd.profiler import record_function
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from distalex.config import FSDPConfig
+from distalex.data.common import ReplicaShare
 from distalex.errors import BadInput, RefusedOnRank
 from distalex.model.alexnet import AlexNet, AlexNetSpec, init_weights
 from distalex.model.dropout import KeyedDropout
 from distalex.model.flops import layer_counts
 from distalex.parallel import hybrid, pipeline
-from distalex.parallel.comm import CommStats, fsdp_bytes_per_step
+from distalex.parallel.comm import CommStats, fsdp_bytes_per_step, input_share_bytes
 from distalex.parallel.ddp import DDPOptions
 from distalex.parallel.launch import processes_per_node
 from distalex.parallel.mesh import Mesh, process_groups
@@ -68,6 +69,7 @@ class Placement:
     control_group: dist.ProcessGroup | None = None  # gloo, all ranks: host-side flags
     notices: list = field(default_factory=list)
     exchange_stats: CommStats = field(default_factory=CommStats)  # bytes the tower/hybrid exchanges send
+    input_stats: CommStats = field(default_factory=CommStats)  # bytes sharing the decoded input sends
     ddp: DDPOptions | None = None  # how DDP exchanges gradients (None: PyTorch's defaults)
     _comm: dict = field(default_factory=dict)  # the latest figures of comm_bytes_per_step
     _dropouts: list = field(default_factory=list)  # the placement-invariant dropout layers of the built model
@@ -75,6 +77,8 @@ class Placement:
 
     # The metrics key of the bytes this placement's own exchanges send (None: it has none).
     exchange_key: ClassVar[str | None] = None
+    # The metrics key of the bytes a replica's processes send sharing their decoded batches.
+    input_key: ClassVar[str] = "input_bytes_per_step"
     # Whether the weights may be stored channels_last (train.channels_last); activations may always.
     channels_last_weights: ClassVar[bool] = True
 
@@ -229,14 +233,34 @@ class Placement:
         if self.mesh.world_size > 1:
             dist.barrier()
 
+    # -- the input ------------------------------------------------------------------------
+    def input_share(self) -> ReplicaShare:
+        """How this replica's processes share the decoding of its batches: not at all when the
+        replica is one process (every placement but towers and pipeline stages)."""
+        return ReplicaShare()
+
+    def _share_over(self, group, member: int, members: int, train_pixels: str) -> ReplicaShare:
+        def gather(part: torch.Tensor) -> torch.Tensor:
+            with record_function("comm:input"):  # profile label (distalex/telemetry/profiling.py)
+                parts = [torch.empty_like(part) for _ in range(members)]
+                dist.all_gather(parts, part.contiguous(), group=group)
+                self.input_stats.count(input_share_bytes(part.shape[0] * members, part.shape[1], members))
+                return torch.cat(parts)
+
+        return ReplicaShare(member, members, gather, train_pixels)
+
     # -- communication figures ----------------------------------------------------------
     def comm_bytes_per_step(self, steps: int) -> dict[str, int]:
         """Bytes this rank sent per training step over the last ``steps`` steps: DDP's
-        gradient all-reduce (from the parameter count, ring accounting) and this placement's
-        own exchanges as counted while they ran (not counted under torch.compile)."""
+        gradient all-reduce (from the parameter count, ring accounting), this placement's
+        own exchanges as counted while they ran (not counted under torch.compile), and the
+        sharing of the decoded input within a replica."""
         sent = self.exchange_stats.pop() // max(steps, 1)
         if sent and self.exchange_key:
             self._comm[self.exchange_key] = sent
+        shared = self.input_stats.pop() // max(steps, 1)
+        if shared:
+            self._comm[self.input_key] = shared
         return dict(self._comm)
 
     def comm_summary(self) -> dict[str, int]:
@@ -246,6 +270,7 @@ class Placement:
     def discard_comm(self) -> None:
         """Forget the bytes counted so far (evaluation's exchanges are not training traffic)."""
         self.exchange_stats.pop()
+        self.input_stats.pop()
 
     # -- for the subclasses ---------------------------------------------------------------
     def _count_ddp_bytes(self, synced: list[nn.Parameter]) -> None:
@@ -308,6 +333,10 @@ class TowerPlacement(Placement):
 
     def dropout_units(self) -> tuple[int, int]:
         return self.tower, self.mesh.tower_ranks  # tower-major units, as in the reference model
+
+    def input_share(self) -> ReplicaShare:
+        """Every tower needs the replica's whole batch: each decodes a share, all gather them."""
+        return self._share_over(self.tower_group, self.tower, self.mesh.tower_ranks, "all")
 
     def full_tensors(self, tensors):
         return gather_tensors(tensors, self.tower_group, self.mesh.tower_ranks)
@@ -390,6 +419,11 @@ class PipelinePlacement(Placement):
         """The global ranks of this replica's stages, in stage order."""
         first = self.replica * self.mesh.stages
         return list(range(first, first + self.mesh.stages))
+
+    def input_share(self) -> ReplicaShare:
+        """Only the first stage reads the training images (the others the labels); all stages
+        evaluate the replica's rows, so they share the decoding of those."""
+        return self._share_over(self.stage_group, self.stage, self.mesh.stages, "first")
 
     def layers(self) -> list[str]:
         return pipeline.stage_layers(pipeline.reference_children(self.spec), self.mesh.cuts, self.stage)

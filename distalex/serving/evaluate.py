@@ -66,7 +66,7 @@ def _evaluate(loaded: Loaded, out: Path, overwrite: bool, accelerator, placement
     cfg, spec, p = loaded.cfg, loaded.spec, placement
     # Everything that can refuse the command does so before anything is written.
     check = SharedCheck(p.rank, p.mesh.world_size, p.min_over_ranks, p.is_main and cfg.train.progress)
-    loader, data_classes, warnings = build_test_data(cfg, p.replica, p.mesh.replicas, p.device, check)
+    loader, data_classes, warnings = build_test_data(cfg, p.replica, p.mesh.replicas, p.device, check, p.input_share())
     for warning in warnings:
         warn(f"distalex: warning: {warning}")
     named = loaded.saved.get("classes") is not None

@@ -187,7 +187,7 @@ def load_data(cfg, placement, warn) -> DataBundle:
     """This replica's data; all processes check the input files together; warnings printed once."""
     p = placement
     check = SharedCheck(p.rank, p.mesh.world_size, p.min_over_ranks, p.is_main and cfg.train.progress)
-    data = build_data(cfg, p.replica, p.mesh.replicas, p.device, check)
+    data = build_data(cfg, p.replica, p.mesh.replicas, p.device, check, p.input_share())
     for warning in data.warnings:
         warn(f"distalex: warning: {warning}")
     return data

@@ -149,6 +149,14 @@ def imagefolder_args(root, out, *extra):
     ]  # fmt: skip
 
 
+def test_gpu_decoding_without_a_gpu_is_refused_before_anything_is_written(tmp_path):
+    root = make_folder(tmp_path / "data", 3, n_train=4, n_val=2)
+    out = tmp_path / "run"
+    proc = run_cli(*imagefolder_args(root, out, "data.decode=gpu"), check=False)
+    assert_bad_input(proc, "data.decode", "CUDA", "data.decode=cpu or auto")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_unreadable_image_is_refused_before_anything_is_written(tmp_path, nprocs):
     root = make_folder(tmp_path / "data", 3, n_train=4, n_val=2)

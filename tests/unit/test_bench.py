@@ -81,3 +81,38 @@ def test_the_benchmark_and_the_runs_own_mfu_agree(monkeypatch, trains):
     row.update(mixed_precision=trains, flops_per_example=util.flops_per_example)  # what bench reads back
     bench.add_mfu({"b": row}, {"image_size": 67})
     assert math.isclose(row["mfu"], logged, rel_tol=1e-12)
+
+
+ip_spec = importlib.util.spec_from_file_location("input_pipeline", ROOT / "bench" / "input_pipeline.py")
+input_pipeline = importlib.util.module_from_spec(ip_spec)
+ip_spec.loader.exec_module(input_pipeline)
+
+
+def test_input_pipeline_bench_runs_every_row_and_writes_json(tmp_path):
+    out = tmp_path / "ip.json"
+    args = ["--images", "8", "--batch", "4", "--image", "24", "--resize", "28", "--rounds", "1", "--towers", "0"]
+    assert input_pipeline.main([*args, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    sets = result["samples_per_sec_per_core"]
+    assert any(name.startswith("generated 500x375") for name in sets)
+    for rows in sets.values():
+        assert sorted(rows) == sorted(
+            ["decode only (every row pays it)", "torchvision RandomResizedCrop", "torchvision Resize+RandomCrop",
+             "distalex float (before)", "distalex uint8 (now)", "distalex uint8, CPU side only",
+             "distalex decode=gpu, CPU side only"]
+        )  # fmt: skip
+        assert all(v > 0 and math.isfinite(v) for v in rows.values())
+
+
+def test_generated_images_have_a_natural_spectrum():
+    """1/f amplitude: the power in a frequency band falls ~ f^-2 (log-log slope about -2), not
+    flat like the noise the header-check bench re-encodes."""
+    import numpy as np
+
+    img = input_pipeline.natural_image(np.random.default_rng(0), 256, 256).astype(float).mean(-1)
+    power = np.abs(np.fft.fft2(img - img.mean())) ** 2
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(256), np.fft.fftfreq(256)))
+    bands = [(0.02, 0.04), (0.08, 0.16)]
+    p = [power[(f >= lo) & (f < hi)].mean() for lo, hi in bands]
+    slope = np.log(p[1] / p[0]) / np.log(4)
+    assert -2.6 < slope < -1.4, slope
