@@ -22,7 +22,9 @@
 # If distalex hits its limit it is stopped with SIGTERM, writes a checkpoint
 # and the script reports the epochs it finished.
 # PARTS="readiness d2l baseline" (default: all three) picks the parts to run;
-# PARTS=readiness alone (~3 min) runs only the readiness checks.
+# PARTS=readiness alone (~3 min) runs only the readiness checks; adding "decode"
+# (not in the default) runs bench/gpu_decode_check.py: data.decode=gpu's crops
+# against the CPU path's (the pixel bound) and its speed (DECODE_TIMEOUT, 150 s).
 #
 # Environment (all optional):
 #   EPOCHS=10            distalex epochs (d2l's 10)
@@ -115,6 +117,14 @@ if part readiness; then
         "$PY" bench/gpu_readiness.py --out "$OUT" "${RD_ARGS[@]}" 2>&1 | tee "$OUT/readiness.log" | grep "^gpu_readiness:"
     RD_RC=${PIPESTATUS[0]}
     echo "gpu_check: readiness exit $RD_RC (details: $OUT/gpu_readiness.json, $OUT/readiness.log)"
+fi
+
+# ---------------------------------------------------------------- data.decode=gpu (opt-in part)
+if part decode; then
+    echo "gpu_check: data.decode=gpu against the CPU path (bench/gpu_decode_check.py)"
+    OUT="$OUT" timeout --signal=TERM --kill-after=10 "${DECODE_TIMEOUT:-150}" \
+        "$PY" bench/gpu_decode_check.py 2>&1 | tee "$OUT/decode.log" | tail -25
+    echo "gpu_check: decode exit ${PIPESTATUS[0]} (details: $OUT/gpu_decode_check.json, $OUT/decode.log)"
 fi
 
 # ---------------------------------------------------------------- distalex: the d2l experiment
