@@ -30,7 +30,7 @@ def _run_bytes(*args: bytes, env=None) -> subprocess.CompletedProcess:
         (lambda t: [f"train.output_dir={t}/" + "/".join(["d" * 200] * 21)], ["train.output_dir", "PATH_MAX"]),
     ],
     ids=["component-300", "output-dir-beyond-PATH_MAX"],
-)  # the other path keys and --config: unit/test_os_limits.py (the same check, without a process each)
+)  # the other path keys and --config: unit/test_path_limits.py (the same check, without a process each)
 def test_paths_the_os_refuses_are_one_line(tmp_path, make, needles):
     extra = make(tmp_path)
     default_out = [] if any(e.startswith("train.output_dir") for e in extra) else [f"train.output_dir={tmp_path}/o"]
