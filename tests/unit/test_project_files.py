@@ -48,3 +48,10 @@ def test_every_mutant_still_applies():
         assert (ROOT / m.file).read_text().count(m.old) == 1, (m.name, m.file)
         for test in [*m.tests, *mutants.ORACLES]:
             assert (ROOT / test.split("::")[0]).exists(), (m.name, test)
+
+
+def test_every_test_file_has_a_basename_of_its_own():
+    """The test folders are not packages, so pytest imports each file by its basename: a second
+    file of the same name anywhere under tests/ is an import error that drops it from the run."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
