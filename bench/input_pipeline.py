@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -47,6 +46,7 @@ from PIL import Image
 from distalex.config import load_config
 from distalex.data.common import GlobalBatchPlan, ReplicaShare
 from distalex.data.imagefolder import IMAGENET_MEAN, EpochBatchSampler, ImageFolderLoader, TrainSamples, scan_split
+from distalex.telemetry.peak import cpu_model
 
 STD = (0.229, 0.224, 0.225)
 REAL_PHOTOS = [
@@ -252,17 +252,6 @@ def model_parallel_rows(root: Path, args) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(results: dict) -> str:
     lines = []
     for images, rows in results.items():
@@ -303,13 +292,13 @@ def main(argv=None) -> int:
             if args.towers > 1 and root == sets["generated 500x375 1/f JPEGs, q90"]:
                 results[name] |= model_parallel_rows(root, args)
     print(
-        f"CPU: {cpu_name()}; samples per CPU-second (one core per row: torch threads 1, num_workers 0), "
+        f"CPU: {cpu_model()}; samples per CPU-second (one core per row: torch threads 1, num_workers 0), "
         f"median of {args.rounds} rounds"
     )
     print(table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu_name(), "args": vars(args), "samples_per_sec_per_core": results}, indent=2))
+    out.write_text(json.dumps({"cpu": cpu_model(), "args": vars(args), "samples_per_sec_per_core": results}, indent=2))
     return 0
 
 

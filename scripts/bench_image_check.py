@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image
 
 from distalex.data.common import SharedCheck
 from distalex.data.imagefolder import verify_images
+from distalex.telemetry.peak import cpu_model
 
 
 def make_images(root: Path, n: int, classes: int = 10) -> list:
@@ -60,17 +60,6 @@ def drop_from_cache(samples) -> bool:
     return ok
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def timed(samples) -> float:
     start = time.perf_counter()
     verify_images(samples, SharedCheck())
@@ -94,7 +83,7 @@ def main(argv=None) -> int:
         "mean_file_kb": round(size / 1024, 1),
         "warm_ms_per_1000": round(min(warm) / n * 1000 * 1000, 1),
         "cold_ms_per_1000": round(min(cold) / n * 1000 * 1000, 1) if cold else None,
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "note": "best of the repeats; the tmp folder's disk, one process",
     }
     print(json.dumps(result))

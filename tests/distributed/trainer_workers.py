@@ -26,10 +26,9 @@ SETTINGS = [
 ]
 
 
-def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
-    """ddp on ``world`` ranks; the loss of step ``nan_step`` is NaN on rank ``nan_rank`` only, and that
-    step's update is skipped on every rank (the weights stay finite, as with a gradient scaler).
-    Writes what ``fit()`` ended with to ``out_dir/outcome{rank}.txt``."""
+def join_job(rank: int, world: int, port: int) -> None:
+    """This spawned process as rank ``rank`` of a ``world``-process job on this machine, as a
+    launcher would set it up; one thread (the workers share the cores)."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -40,6 +39,13 @@ def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
         CUDA_VISIBLE_DEVICES="",  # gloo on the CPU on any machine (read when CUDA first initialises)
     )
     torch.set_num_threads(1)
+
+
+def nan_loss_on_one_rank(rank, world, port, out_dir, nan_rank, nan_step):
+    """ddp on ``world`` ranks; the loss of step ``nan_step`` is NaN on rank ``nan_rank`` only, and that
+    step's update is skipped on every rank (the weights stay finite, as with a gradient scaler).
+    Writes what ``fit()`` ended with to ``out_dir/outcome{rank}.txt``."""
+    join_job(rank, world, port)
     from distalex.config import load_config
     from distalex.parallel.launch import shutdown
     from distalex.training.build import build_run
@@ -62,16 +68,7 @@ def refusal_on_one_rank(rank, world, port, out_dir, refusing_rank):
     """ddp on ``world`` ranks; only ``refusing_rank`` is given a resume checkpoint that does
     not exist (as if its node could not see the file).  Writes the error each rank ended with
     (class, exit status, message) to ``out_dir/outcome{rank}.txt``."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        CUDA_VISIBLE_DEVICES="",
-    )
-    torch.set_num_threads(1)
+    join_job(rank, world, port)
     from distalex.config import load_config
     from distalex.errors import DistalexError
     from distalex.parallel.launch import shutdown
