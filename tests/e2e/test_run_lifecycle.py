@@ -7,6 +7,7 @@ Kills are injected by a wrapper script (``KILLER``) that patches one function of
 distalex in the test's own process and then runs the CLI: product code has no
 test hooks."""
 
+import re
 import resource
 import signal
 import socket
@@ -439,7 +440,11 @@ def test_launcher_restart_heals_a_killed_worker(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cli_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout + proc.stderr
-    assert "exitcode: -9" in out and "local_rank: 1" in out  # the launcher saw the killed worker
+    # The launcher reports the first worker it saw fail: rank 1, SIGKILLed, or rank 0, which
+    # ends with its one line as soon as its peer's connection breaks -- a race between the
+    # launcher's monitor and gloo that distalex does not decide.  Either way it restarted both.
+    failures = re.findall(r"exitcode: (-?\d+)\) local_rank: (\d+)", out)
+    assert failures and failures[0] in {("-9", "1"), ("1", "0")}, (failures, out[-3000:])
     resumed = [line for line in out.splitlines() if "distalex: resumed from" in line]
     assert len(resumed) == 1 and "launcher restart 1" in resumed[0], resumed
     assert "step_000000006.safetensors at step 6" in resumed[0]
