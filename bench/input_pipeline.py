@@ -45,7 +45,8 @@ from PIL import Image
 
 from distalex.config import load_config
 from distalex.data.common import GlobalBatchPlan, ReplicaShare
-from distalex.data.imagefolder import IMAGENET_MEAN, EpochBatchSampler, ImageFolderLoader, TrainSamples, scan_split
+from distalex.data.imagefolder import IMAGENET_MEAN, EpochBatchSampler, ImageFolderLoader, scan_split
+from distalex.data.pixels import CropSamples
 from distalex.telemetry.peak import cpu_model
 
 STD = (0.229, 0.224, 0.225)
@@ -108,7 +109,7 @@ def write_real(root: Path, photos: list[Path], n: int, seed: int = 0) -> Path | 
     return root
 
 
-def cfg_for(root: Path, pipeline: str, batch: int, image: int, resize: int):
+def cfg_for(root: Path, pipeline: str, batch: int, image: int, resize: int, resampler: str = "pil"):
     return load_config(
         None,
         [
@@ -119,16 +120,18 @@ def cfg_for(root: Path, pipeline: str, batch: int, image: int, resize: int):
             f"data.pipeline={pipeline}",
             "data.num_workers=0",
             "data.decode=cpu",
+            f"data.resampler={resampler}",
             f"train.batch_size={batch}",
             "model.in_channels=3",
         ],
     )
 
 
-def distalex_loader(root: Path, pipeline: str, batch: int, image: int, resize: int, share=None):
+def distalex_loader(root: Path, pipeline: str, batch: int, image: int, resize: int, share=None, resampler="pil"):
     samples = scan_split(root / "train")[1]
     plan = GlobalBatchPlan(len(samples), batch, seed=0)
-    return ImageFolderLoader(samples, cfg_for(root, pipeline, batch, image, resize), plan, torch.device("cpu"), share)
+    cfg = cfg_for(root, pipeline, batch, image, resize, resampler)
+    return ImageFolderLoader(samples, cfg, plan, torch.device("cpu"), share)
 
 
 def torchvision_loader(root: Path, variant: str, batch: int, image: int, resize: int):
@@ -182,7 +185,7 @@ def uint8_worker_side(root: Path, batch: int, image: int, resize: int):
     """The uint8 pipeline's CPU part alone (decode, window resize, crop, flip, collate): what
     the workers of a GPU run do; the float stage then runs on the GPU."""
     ld = distalex_loader(root, "uint8", batch, image, resize)
-    dataset = TrainSamples(ld.samples, ld.crop_transform, ld.plan.seed)
+    dataset = CropSamples(ld.samples, ld.crop_transform, ld.plan.seed)
     sampler = EpochBatchSampler(ld.plan)
     yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0)
 
@@ -194,6 +197,9 @@ def single_core_rows(root: Path, args) -> dict:
         "torchvision Resize+RandomCrop": lambda: torchvision_loader(root, "rc", args.batch, args.image, args.resize),
         "distalex float (before)": lambda: distalex_loader(root, "float", args.batch, args.image, args.resize).epoch(0),
         "distalex uint8 (now)": lambda: distalex_loader(root, "uint8", args.batch, args.image, args.resize).epoch(0),
+        "distalex uint8, resampler=torch": lambda: distalex_loader(
+            root, "uint8", args.batch, args.image, args.resize, resampler="torch"
+        ).epoch(0),
         "distalex uint8, CPU side only": lambda: uint8_worker_side(root, args.batch, args.image, args.resize),
         "distalex decode=gpu, CPU side only": lambda: gpu_decode_worker_side(root, args.batch, args.image, args.resize),
     }

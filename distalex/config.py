@@ -53,6 +53,7 @@ MAX_WIDTH = 16
 MAX_WORKERS = 256
 PIPELINES = ("uint8", "float")  # data.pipeline
 DECODES = ("cpu", "gpu", "auto")  # data.decode
+RESAMPLERS = ("pil", "torch")  # data.resampler
 MAX_TIMEOUT_S = 30 * 24 * 3600
 MAX_THREADS = 1024  # CPU threads per process; the largest machines have a few hundred cores
 
@@ -93,6 +94,11 @@ class DataConfig:
     # CUDA device; other files still on the CPU), auto (gpu on a CUDA device, else cpu).  cpu by
     # default until nvJPEG's pixels and speed are measured on a GPU (bench/gpu_decode_check.py).
     decode: str = "cpu"
+    # imagefolder, uint8 pipeline: what resizes a training image on the CPU.  pil -- PIL's
+    # bilinear resize of the crop's window: within 1/255 of the float pipeline's resize; torch --
+    # torch's uint8 kernel (16-bit weights) on a tensor decoded without PIL's copies: about 1.15x
+    # the samples per core, within 2/255 (bench/input_pipeline.py, docs/imagenet.md).
+    resampler: str = "pil"
 
 
 @dataclass
@@ -520,6 +526,7 @@ def validate(cfg: DictConfig) -> None:
     _require(d.pca_sigma >= 0, "data.pca_sigma", f"must be >= 0, got {d.pca_sigma}")
     _require(d.pipeline in PIPELINES, "data.pipeline", f"must be one of {PIPELINES}, got '{d.pipeline}'")
     _require(d.decode in DECODES, "data.decode", f"must be one of {DECODES}, got '{d.decode}'")
+    _require(d.resampler in RESAMPLERS, "data.resampler", f"must be one of {RESAMPLERS}, got '{d.resampler}'")
     _require(
         not (d.pipeline == "float" and d.decode == "gpu"),
         "data.decode",

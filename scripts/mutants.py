@@ -114,8 +114,8 @@ MUTANTS = [
     Mutant(
         "flip-never-applied",
         "distalex/data/pixels.py",
-        "return (x.flip(-1) if flip else x), shift",
-        "return x, shift",
+        "return (x.flip(1) if flip else x.contiguous()), shift",
+        "return x.contiguous(), shift",
         AUGMENT,
         "the horizontal flip's result is dropped (out-of-place op)",
     ),
@@ -279,10 +279,10 @@ MUTANTS = [
     Mutant(
         "lighting-not-applied",
         "distalex/data/pixels.py",
-        "        x.add_(shifts.to(x.device, x.dtype).view(per_row))",
-        "        pass",
+        "            o.add_(shift_k[a : a + step])",
+        "            pass",
         AUGMENT,
-        "the PCA lighting is never applied in training",
+        "the PCA lighting is never applied in training (the channels-last batches the network gets)",
     ),
     # -- checkpoint and resume ---------------------------------------------------------------------
     Mutant(

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from distalex.data.common import Batch, DataBundle, GlobalBatchPlan, ReplicaShare, SharedCheck
 from distalex.data.images import UNREADABLE, open_image_file, to_mode, why_unreadable
 from distalex.data.pixels import (
+    CropSamples,
     CropTransform,
     EncodedSamples,
     EvalCrops,
@@ -287,7 +288,9 @@ def limit_samples(samples: list[Sample], n: int | None) -> list[Sample]:
 
 
 class TrainSamples(Dataset):
-    """Indexed by ``(index, epoch)`` so the augmentation is reproducible."""
+    """The float pipeline's training samples (``data.pipeline=float``): (float image, label),
+    indexed by ``(index, epoch)`` so the augmentation is reproducible.  The uint8 pipeline's
+    are :class:`~distalex.data.pixels.CropSamples`."""
 
     def __init__(self, samples: list[Sample], transform: TrainTransform, seed: int):
         self.samples, self.transform, self.seed = samples, transform, seed
@@ -295,14 +298,11 @@ class TrainSamples(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple:
-        """(float image, label) with :class:`TrainTransform`; (uint8 crop, lighting shift,
-        label) with :class:`~distalex.data.pixels.CropTransform`."""
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key
         path, label = self.samples[index]
         img = _load_rgb(path, self.transform.resize_size)
-        out = self.transform(img, sample_generator(self.seed, epoch, index))
-        return (*out, label) if isinstance(out, tuple) else (out, label)
+        return self.transform(img, sample_generator(self.seed, epoch, index)), label
 
 
 class EvalSamples(Dataset):
@@ -383,7 +383,7 @@ class ImageFolderLoader:
         self.share = share if share is not None and share.members > 1 and not self.legacy else None
         self.image_size = d.image_size
         self.train_transform = TrainTransform(d.resize_size, d.image_size, d.pca_sigma)
-        self.crop_transform = CropTransform(d.resize_size, d.image_size, self.train_transform.lighting)
+        self.crop_transform = CropTransform(d.resize_size, d.image_size, self.train_transform.lighting, d.resampler)
         self.eval_transform = EvalTransform(d.resize_size, d.image_size, cfg.eval.ten_crop)
         self.eval_crops = EvalCrops(d.resize_size, d.image_size, cfg.eval.ten_crop)
         self._sampler: EpochBatchSampler | None = None
@@ -414,7 +414,9 @@ class ImageFolderLoader:
 
     def _finish(self, raw, rows: int, shared: bool) -> Batch:
         """A worker's batch -> the replica's whole float batch on the device; ``shared``: the
-        batch is this process's share, to be gathered with the other members'."""
+        batch is this process's share, to be gathered with the other members'.  Training crops
+        travel height-width-channel (as decoded, [B, S, S, 3]), evaluation crops channel-first
+        (the ten crops of a row stacked)."""
         if self.legacy:
             return self._to_device(*raw)
         if isinstance(raw, tuple) and hasattr(raw, "jpegs"):  # data.decode=gpu
@@ -423,11 +425,14 @@ class ImageFolderLoader:
             pixels, shifts, labels = raw
         else:  # evaluation crops: no lighting
             (pixels, labels), shifts = raw, None
+        training = shifts is not None
         fields = [t.to(self.device, non_blocking=self.pin) for t in (pixels, shifts, labels) if t is not None]
         if shared:
             fields = gather_rows(fields, rows, self.share)
         pixels, labels = fields[0], fields[-1]
-        shifts = fields[1] if shifts is not None else None
+        shifts = fields[1] if training else None
+        if training:
+            pixels = pixels.permute(0, 3, 1, 2)  # NCHW, channels-last in memory
         with record_function("data:finish"):  # profile label (distalex/telemetry/profiling.py)
             return finish_batch(pixels, shifts, IMAGENET_MEAN, self.memory_format), labels
 
@@ -451,7 +456,7 @@ class ImageFolderLoader:
             return TrainSamples(self.samples, self.train_transform, self.plan.seed), None
         if self.decode == "gpu":
             return EncodedSamples(self.samples, self.crop_transform, self.plan.seed), collate_encoded
-        return TrainSamples(self.samples, self.crop_transform, self.plan.seed), None
+        return CropSamples(self.samples, self.crop_transform, self.plan.seed), None
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         if self.share is not None and self.share.train_pixels == "first" and self.share.member > 0:

@@ -1,13 +1,17 @@
 """The ImageFolder input pipeline in two halves: uint8 crops on the CPU, the float work on the device.
 
-CPU (DataLoader workers): decode (JPEGs at a reduced DCT scale), resize the shorter side
-(only the crop's window of it, :func:`resized_window`), crop, flip -- integer work whose
-output is a uint8 crop, a quarter of the bytes of the float crop the older pipeline made
-there.  Device (batched, where the network trains): the dtype change, PCA lighting, the mean
-and the memory layout (:func:`finish_batch`).  The float arithmetic is the older pipeline's
-per-image operations in its order (``to_tensor`` = ``/255``, ``+ shift``, ``- mean``), so the
-two differ only where the window's resize rounds a pixel to the other uint8 level: at most
-1/255, in about 0.1 % of the values (tests/unit/test_pixels.py).
+CPU (DataLoader workers): decode (JPEGs at a reduced DCT scale), resize the shorter side --
+only as far as the crop needs: PIL's resize of the crop's window (``data.resampler=pil``, the
+default) or torch's uint8 kernel on a tensor decoded without PIL's copies (``torch``,
+:func:`resize_crop`) --, crop, flip: integer work whose output is a uint8 crop in
+height-width-channel order, a quarter of the bytes of the float crop the older pipeline made
+there.  Device (batched, where the network trains): the dtype change, PCA lighting and the mean,
+written straight into the network's memory layout (:func:`finish_batch`).  The float arithmetic
+is the older pipeline's per-image operations in its order (``to_tensor`` = ``/255``, ``+ shift``,
+``- mean``), so the two differ only where the resize rounds a pixel to another uint8 level than
+PIL's whole-image resize: at most 1/255 with ``pil`` (in about 0.1 % of a photo's values), at
+most 2/255 with ``torch`` (its 16-bit weights put one pass within one level of PIL's, two passes
+within two; tests/unit/test_pixels.py).
 
 A sample's random draws (crop position, flip, lighting) come from one generator of
 ``(seed, epoch, index)`` (:func:`draw_crop`), which every path calls: the legacy float
@@ -34,6 +38,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -85,29 +90,154 @@ def draw_crop(g: torch.Generator, width: int, height: int, size: int, lighting) 
 
 def resized_window(img: Image.Image, width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
     """The ``box`` (left, top, right, bottom) of ``img`` resized to ``width`` x ``height``, computing
-    only the box's pixels: PIL's bilinear resize of the whole image then cropped, at a fraction of
-    the cost (the same filter and sample positions; intermediate rounding may differ by one level
-    in about 0.1 % of pixels; tests/unit/test_pixels.py)."""
-    sx, sy = img.size[0] / width, img.size[1] / height
+    only the box's pixels when shrinking: PIL's bilinear resize of the whole image then cropped,
+    at a fraction of the cost (the same filter, and sample positions equal up to floating-point
+    rounding, which moves about 0.1 % of a photo's values one level; at most one level a pass,
+    two in all; tests/unit/test_pixels.py).  Enlarging (an
+    image smaller than the resize), PIL's windowed resize strays up to two levels from its whole
+    resize (measured), so the whole image is resized and cropped: such images are small."""
     left, top, right, bottom = box
+    if width > img.size[0] or height > img.size[1]:
+        return img.resize((width, height), Image.BILINEAR).crop(box)
+    sx, sy = img.size[0] / width, img.size[1] / height
     size = (right - left, bottom - top)
     return img.resize(size, Image.BILINEAR, box=(left * sx, top * sy, right * sx, bottom * sy))
 
 
+def decode_jpeg_cpu(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [3, H, W] (its memory height-width-channel) of an RGB JPEG's bytes, by torchvision's
+    libjpeg-turbo; RuntimeError for a file it refuses."""
+    with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(data, mode=ImageReadMode.RGB)
+
+
+def pil_pixels(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as uint8 [H, W, 3]."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
+def decode_rgb(data: bytes, path: str, min_side: int) -> Image.Image:
+    """An image file's bytes -> the RGB PIL image the float pipeline decodes (JPEGs at a reduced
+    DCT scale while both sides stay >= ``min_side``; the conversions prediction makes too)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (min_side, min_side))
+            return to_mode(im, "RGB")[0]
+    except UNREADABLE as exc:
+        raise _failure(path, exc) from None
+
+
+def decode_pixels(data: bytes, path: str, min_side: int) -> torch.Tensor:
+    """:func:`decode_rgb`'s pixels as uint8 [H, W, 3].  An RGB JPEG that PIL would decode at full
+    scale is decoded by torchvision's libjpeg-turbo straight into a tensor: the same library, DCT
+    method and upsampling as PIL's (equal pixels, tests/unit/test_pixels.py), without PIL's
+    copies out of its image; a file it refuses goes to PIL, whose verdict stands."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            full = im.size
+            im.draft("RGB", (min_side, min_side))  # only sets the DCT scale; nothing is decoded yet
+            if device_decodable(im) and im.size == full:
+                try:
+                    return decode_jpeg_cpu(torch.frombuffer(bytearray(data), dtype=torch.uint8)).permute(1, 2, 0)
+                except RuntimeError:
+                    pass
+            return pil_pixels(to_mode(im, "RGB")[0])
+    except UNREADABLE as exc:
+        raise _failure(path, exc) from None
+
+
+def _prefix(out_needed: int, out_total: int, scale: float, in_total: int) -> tuple[int, int]:
+    """(output, input) lengths of a prefix resize along one dimension: the input reaches the last
+    pixel the last needed output pixel reads -- its centre ``scale * (i + 0.5)`` plus the filter's
+    support (the scale when shrinking, one pixel when enlarging), rounded up, plus one.  torch
+    skips a dimension whose input and output lengths are equal (an identity, whatever the scale
+    given), so they are made to differ unless the whole image's resize is that identity."""
+    n_in = min(in_total, math.ceil(scale * out_needed + max(scale, 1.0)) + 1)
+    n_out = out_needed
+    if n_in == n_out and in_total != out_total:
+        if n_out < out_total:
+            n_out += 1  # one more output pixel, cut off after
+        else:
+            n_in += 1  # n_in = out_total != in_total and <= in_total: there is one more
+    return n_out, n_in
+
+
+def resize_crop(pixels: torch.Tensor, resize_size: int, top: int, left: int, size: int) -> torch.Tensor:
+    """uint8 [H, W, 3] -> the ``size`` crop at (top, left) of the image with its shorter side
+    resized to ``resize_size``: antialiased bilinear, PIL's filter and sample positions, by
+    torch's uint8 kernel when shrinking (its 16-bit weights: within one level of PIL's per pass,
+    two levels over both, in about 0.2 % of a photo's values), by PIL's whole resize when
+    enlarging.  Only the
+    rows and columns up to the crop's far edge are resampled: the kernel maps output pixel ``i``
+    to input ``scale * (i + 0.5)`` from the input's origin, so a prefix of the resized image is
+    a resize of a prefix of the input, given the whole image's scales."""
+    height, width = pixels.shape[:2]
+    w, h = resized_size(width, height, resize_size)
+    if h > height or w > width:
+        # Enlarging (an image smaller than resize_size): torch's uint8 kernel rounds up to two
+        # levels away from PIL's there (measured); these few small images take PIL's resize.
+        img = resized_window(Image.fromarray(pixels.numpy()), w, h, (left, top, left + size, top + size))
+        return pil_pixels(img)
+    out_rows, in_rows = _prefix(top + size, h, height / h, height)
+    out_cols, in_cols = _prefix(left + size, w, width / w, width)
+    prefix = pixels[:in_rows, :in_cols].permute(2, 0, 1).unsqueeze(0)  # a channels-last view
+    out = torch.ops.aten._upsample_bilinear2d_aa(prefix, [out_rows, out_cols], False, h / height, w / width)
+    return out[0, :, top : top + size, left : left + size].permute(1, 2, 0)
+
+
 class CropTransform:
-    """PIL image + generator -> (uint8 [3, S, S] crop, float32 [3] lighting shift): the CPU half.
+    """Image + generator -> (uint8 [S, S, 3] crop, float32 [3] lighting shift): the CPU half.
     The shorter side resized to ``resize_size`` and the crop taken from it, as the float pipeline
-    does, but only the crop's pixels are resized (:func:`resized_window`)."""
+    does, resampling only what the crop needs.  ``resampler`` (``data.resampler``): ``pil`` --
+    PIL's resize of the crop's window (:func:`resized_window`) on a PIL-decoded image; ``torch``
+    -- :func:`resize_crop` on a tensor (:func:`decode_pixels`)."""
 
-    def __init__(self, resize_size: int, image_size: int, lighting):
+    def __init__(self, resize_size: int, image_size: int, lighting, resampler: str = "pil"):
         self.resize_size, self.image_size, self.lighting = resize_size, image_size, lighting
+        self.resampler = resampler
 
-    def __call__(self, img: Image.Image, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        w, h = resized_size(*img.size, self.resize_size)
+    def decode(self, data: bytes, path: str):
+        """The file's image in the form this resampler takes."""
+        if self.resampler == "torch":
+            return decode_pixels(data, path, self.resize_size)
+        return decode_rgb(data, path, self.resize_size)
+
+    def __call__(self, image, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image``: an RGB PIL image or uint8 [H, W, 3] (converted if the resampler takes the other)."""
+        if isinstance(image, Image.Image):
+            width, height = image.size
+        else:
+            height, width = image.shape[:2]
+        w, h = resized_size(width, height, self.resize_size)
         s = self.image_size
         top, left, flip, shift = draw_crop(g, w, h, s, self.lighting)
-        x = TF.pil_to_tensor(resized_window(img, w, h, (left, top, left + s, top + s)))
-        return (x.flip(-1) if flip else x), shift
+        if self.resampler == "torch":
+            pixels = pil_pixels(image) if isinstance(image, Image.Image) else image
+            x = resize_crop(pixels, self.resize_size, top, left, s)
+        else:
+            img = image if isinstance(image, Image.Image) else Image.fromarray(image.numpy())
+            x = pil_pixels(resized_window(img, w, h, (left, top, left + s, top + s)))
+        return (x.flip(1) if flip else x.contiguous()), shift
+
+
+class CropSamples(Dataset):
+    """Training samples of the uint8 pipeline, indexed by ``(index, epoch)``: (uint8 [S, S, 3]
+    crop, float32 [3] lighting shift, label); the one open of each file is :func:`read_bytes`."""
+
+    def __init__(self, samples, crop: CropTransform, seed: int):
+        self.samples, self.crop, self.seed = samples, crop, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        path, label = self.samples[index]
+        image = self.crop.decode(read_bytes(path), path)
+        return (*self.crop(image, sample_generator(self.seed, epoch, index)), label)
 
 
 class EvalCrops:
@@ -132,19 +262,47 @@ def finish_batch(
     mean: Sequence[float],
     memory_format=torch.contiguous_format,
 ) -> torch.Tensor:
-    """uint8 [B, 3, S, S] (or [B, 10, 3, S, S]) on the device -> the float input the network
-    sees: ``x / 255 + shift - mean``, the older pipeline's per-image operations in its order
-    (``to_tensor``, :class:`PCALighting`, ``subtract_mean``), batched.  ``shifts``: [B, 3]
-    lighting shifts (None: no lighting, evaluation)."""
-    # The float ops on the contiguous NCHW tensor (long inner loops; on a channels_last one the
-    # broadcast per-channel operands make the inner loop 3 long: measured 3x slower on a CPU),
-    # then the layout change once.
+    """uint8 [B, 3, S, S] of any memory layout (or [B, 10, 3, S, S]) on the device -> the float
+    input the network sees: ``x / 255 + shift - mean``, the older pipeline's per-image operations
+    in its order (``to_tensor``, :class:`PCALighting`, ``subtract_mean``), batched, in
+    ``memory_format``.  ``shifts``: [B, 3] lighting shifts (None: no lighting, evaluation)."""
+    if pixels.dim() == 4 and memory_format == torch.channels_last:
+        hwc = pixels.permute(0, 2, 3, 1).contiguous()  # no copy for the training crops (made HWC)
+        rows, height, width, _ = hwc.shape
+        out = _finish_channels_last(hwc.view(rows, height * width, 3), shifts, mean)
+        return out.view(rows, height, width, 3).permute(0, 3, 1, 2)
+    # Channel-first: the float ops on the contiguous NCHW tensor (long inner loops), then the
+    # layout change once.
     x = pixels.contiguous().float().div_(255.0)
     if shifts is not None:
         per_row = (-1, *([1] * (x.dim() - 4)), 3, 1, 1)  # one shift per row (each of its ten crops)
         x.add_(shifts.to(x.device, x.dtype).view(per_row))
     x.sub_(torch.tensor(mean, dtype=x.dtype).to(x.device).view(3, 1, 1))
     return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+
+
+def _finish_channels_last(hwc: torch.Tensor, shifts: torch.Tensor | None, mean: Sequence[float]) -> torch.Tensor:
+    """uint8 [B, P, 3] (pixels, channels innermost) -> float32 ``x / 255 + shift - mean``.
+
+    The per-channel operands repeat every 3 values; broadcast as [3] they would make the inner
+    loop 3 long (measured 3x slower on a CPU), so the values are viewed ``k`` pixels a line
+    ([B, P/k, 3k]) against operands tiled ``k`` times: the same float32 operation on every value,
+    with vector-long inner loops.  On a CPU each row goes through the three passes while it is
+    in cache; a GPU takes the batch at once."""
+    rows, pixels = hwc.shape[:2]
+    k = max(d for d in range(1, 33) if pixels % d == 0)
+    src = hwc.view(rows, pixels // k, 3 * k)
+    out = torch.empty(src.shape, dtype=torch.float32, device=hwc.device)
+    mean_k = torch.tensor(mean, dtype=torch.float32).repeat(k).to(hwc.device)
+    shift_k = None if shifts is None else shifts.to(hwc.device, torch.float32).repeat(1, k).view(rows, 1, 3 * k)
+    step = 1 if hwc.device.type == "cpu" else rows
+    for a in range(0, rows, step):
+        o = out[a : a + step]
+        torch.div(src[a : a + step], 255.0, out=o)  # to_tensor's float(v) / 255, in one pass
+        if shift_k is not None:
+            o.add_(shift_k[a : a + step])
+        o.sub_(mean_k)
+    return out.view(rows, pixels, 3)
 
 
 # --------------------------------------------------------------------------- sharing a replica's batches
@@ -217,7 +375,7 @@ class Encoded(NamedTuple):
 
     jpegs: list  # uint8 1-D file bytes of the rows decoded on the device
     geometry: torch.Tensor  # int64 [len(jpegs), 6]: row, resized h, resized w, top, left, flip
-    crops: torch.Tensor  # uint8 [k, 3, S, S]: the rows decoded on the CPU (not RGB JPEGs)
+    crops: torch.Tensor  # uint8 [k, S, S, 3]: the rows decoded on the CPU (not RGB JPEGs)
     crop_rows: torch.Tensor  # int64 [k]
     shifts: torch.Tensor  # float32 [B, 3]
     labels: torch.Tensor  # int64 [B]
@@ -268,11 +426,10 @@ def collate_encoded(items) -> Encoded:
     jpeg = [(row, it) for row, it in enumerate(items) if it[0] == "jpeg"]
     crop = [(row, it) for row, it in enumerate(items) if it[0] == "crop"]
     geometry = torch.stack([torch.cat([torch.tensor([row]), it[2]]) for row, it in jpeg]) if jpeg else None
-    s = items[0][1].shape[-1] if crop == [] else crop[0][1][1].shape[-1]
     return Encoded(
         jpegs=[it[1] for _, it in jpeg],
         geometry=geometry if geometry is not None else torch.zeros((0, 6), dtype=torch.int64),
-        crops=torch.stack([it[1] for _, it in crop]) if crop else torch.zeros((0, 3, s, s), dtype=torch.uint8),
+        crops=torch.stack([it[1] for _, it in crop]) if crop else torch.zeros((0, 0, 0, 3), dtype=torch.uint8),
         crop_rows=torch.tensor([row for row, _ in crop], dtype=torch.int64),
         shifts=torch.stack([it[3] for it in items]),
         labels=torch.tensor([it[4] for it in items], dtype=torch.int64),
@@ -295,14 +452,14 @@ def _decode_one(data: torch.Tensor, device: torch.device, decode_jpeg, mode) -> 
 
 
 def decode_batch(batch: Encoded, size: int, device: torch.device) -> torch.Tensor:
-    """uint8 [B, 3, S, S] on ``device``: the JPEGs decoded there in one batched call, the
-    CPU-decoded rows copied in."""
+    """uint8 [B, S, S, 3] on ``device`` (the CPU path's layout): the JPEGs decoded there in one
+    batched call, the CPU-decoded rows copied in."""
     with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; decode_jpeg still works
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
 
     rows = batch.labels.shape[0]
-    out = torch.empty((rows, 3, size, size), dtype=torch.uint8, device=device)
+    out = torch.empty((rows, size, size, 3), dtype=torch.uint8, device=device)
     if batch.crop_rows.numel():
         out[batch.crop_rows.to(device)] = batch.crops.to(device, non_blocking=True)
     if batch.jpegs:
@@ -316,5 +473,5 @@ def decode_batch(batch: Encoded, size: int, device: torch.device) -> torch.Tenso
                 # libjpeg-turbo the CPU path uses), moved to the device.
                 images = [_decode_one(data, device, decode_jpeg, ImageReadMode.RGB) for data in batch.jpegs]
         for img, geo in zip(images, batch.geometry.tolist(), strict=True):
-            out[geo[0]] = crop_decoded(img, geo[1:], size)
+            out[geo[0]] = crop_decoded(img, geo[1:], size).permute(1, 2, 0)
     return out

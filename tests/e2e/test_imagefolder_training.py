@@ -1,9 +1,11 @@
 """End to end: the paper recipe (configs/paper_imagenet.yaml) on a small generated
-ImageFolder trains through the real CLI in single, ddp (2 processes),
-model-parallel (2 processes) and pipeline (2 stages), with ten-crop evaluation and
-top-5 accuracy; the placements follow the same loss trajectory (docs/design.md,
-"Guarantees"), also across a resume; and a replica decodes each training file once per
-epoch (file opens counted by an audit hook in every process, outside the product)."""
+ImageFolder trains through the real CLI in every placement -- single, ddp, model-parallel,
+hybrid, pipeline (2 stages) and fsdp, 2 processes each -- with ten-crop evaluation and top-5
+accuracy; the placements follow the same loss trajectory (docs/design.md, "Guarantees"),
+also when stopped mid-epoch and resumed where the loader has a placement's own resume path
+(model-parallel's shared decoding, a pipeline's label-only later stage; every placement's
+resume on other data: tests/e2e/test_reliability.py); and a replica decodes each training file
+once per epoch (file opens counted by an audit hook in every process, outside the product)."""
 
 import collections
 import os
@@ -23,6 +25,9 @@ STEPS = EPOCHS * CLASSES * N_TRAIN // BATCH
 # The paper's geometry (conv1 padding 2) at the smallest input it accepts.
 IMAGE = AlexNetSpec(conv1_padding=2).smallest_image_size()
 RESIZE = 72  # shorter side first, ~ the paper's 256/224 ratio
+# Each multi-process placement, by its name here.
+PLACEMENTS = {"ddp": "ddp", "mp": "model-parallel", "hybrid": "hybrid", "pipe": "pipeline", "fsdp": "fsdp"}
+RESUMED = ("mp", "pipe")  # the placements whose batches the loader resumes in its own way
 
 
 def args_for(root, out, classes, *extra):
@@ -90,29 +95,34 @@ def runs(tmp_path_factory):
     # paper config's towers=2 throughout, so `single` is the reference for all.
     same = [f"train.epochs={EPOCHS}", "train.log_every=1", "model.dropout=0", "train.mixed_precision=no"]
     workers = ["data.num_workers=1"]  # DataLoader workers too
-    plan = {
-        "single": SPLIT_MODES["single"],
-        "ddp": (2, [*SPLIT_MODES["ddp"][1], *workers]),
-        "mp": (2, [*SPLIT_MODES["model-parallel"][1], *workers]),
-        "pipe": (2, [*SPLIT_MODES["pipeline"][1], "pipeline.microbatches=2"]),
-        # model-parallel stopped after 4 steps, then resumed to the end
-        "mp_resumed": (2, [*SPLIT_MODES["model-parallel"][1], "train.max_steps=4"]),
-    }
+    plan = {"single": SPLIT_MODES["single"]}
+    for name, mode in PLACEMENTS.items():
+        extra = ["pipeline.microbatches=2"] if mode == "pipeline" else workers
+        plan[name] = (2, [*SPLIT_MODES[mode][1], *extra])
     out = {"data": data}
     for name, (nprocs, extra) in plan.items():
         out[name] = root / name
         env, out[f"opens:{name}"] = counting_env(root, data, name)
         run_cli(*args_for(data, out[name], CLASSES, *same, *extra), nprocs=nprocs, env=env)
-    resumed = [*SPLIT_MODES["model-parallel"][1], "train.resume=auto"]
-    run_cli(*args_for(data, out["mp_resumed"], CLASSES, *same, *resumed), nprocs=2)
+    # Stopped after 4 of an epoch's 6 steps, then resumed to the end.
+    for name, mode in ((n, PLACEMENTS[n]) for n in RESUMED):
+        out[f"{name}_resumed"] = root / f"{name}_resumed"
+        extra = ["pipeline.microbatches=2"] if mode == "pipeline" else []
+        for then in ("train.max_steps=4", "train.resume=auto"):
+            run_cli(
+                *args_for(data, out[f"{name}_resumed"], CLASSES, *same, *SPLIT_MODES[mode][1], *extra, then), nprocs=2
+            )
     return out
 
 
-@pytest.mark.parametrize(("name", "world", "replicas"), [("single", 1, 1), ("ddp", 2, 2), ("mp", 2, 1), ("pipe", 2, 1)])
+@pytest.mark.parametrize(
+    ("name", "world", "replicas"),
+    [("single", 1, 1), ("ddp", 2, 2), ("mp", 2, 1), ("hybrid", 2, 2), ("pipe", 2, 1), ("fsdp", 2, 2)],
+)
 def test_training_completes_with_ten_crop_top1_top5(runs, name, world, replicas):
     s = summary(runs[name])
     assert (s["world_size"], s["replicas"], s["towers"]) == (world, replicas, 2)
-    assert s["split_mode"] == {"single": "single", "ddp": "ddp", "mp": "model-parallel", "pipe": "pipeline"}[name]
+    assert s["split_mode"] == {"single": "single", **PLACEMENTS}[name]
     assert s["steps"] == STEPS and s["epochs"] == EPOCHS
     assert 0.0 <= s["test_acc"] <= s["test_top5"] <= 1.0
     assert np.isfinite(s["loss"]) and s["examples_per_sec"] > 0
@@ -126,7 +136,7 @@ def test_training_completes_with_ten_crop_top1_top5(runs, name, world, replicas)
             assert abs(row[key] * n - round(row[key] * n)) < 1e-9, (key, row[key])
 
 
-@pytest.mark.parametrize("name", ["ddp", "mp", "pipe", "mp_resumed"])
+@pytest.mark.parametrize("name", [*PLACEMENTS, *(f"{p}_resumed" for p in RESUMED)])
 def test_placements_follow_single_step_for_step(runs, name):
     ref, other = step_losses(runs["single"]), step_losses(runs[name])
     assert sorted(ref) == sorted(other) == list(range(1, STEPS + 1))
@@ -138,11 +148,11 @@ def test_placements_follow_single_step_for_step(runs, name):
         assert abs(summary(runs["single"])[key] - summary(runs[name])[key]) <= 1 / n + 1e-9, key
 
 
-@pytest.mark.parametrize("name", ["single", "ddp", "mp", "pipe"])
+@pytest.mark.parametrize("name", ["single", *PLACEMENTS])
 def test_a_replica_opens_each_training_file_once_per_epoch(runs, name):
     """Once at the start-up check (the processes split the files), then once per epoch in the
-    whole run: model-parallel's towers each decode a share and gather, a pipeline's later
-    stage opens none, ddp's replicas each open their own rows."""
+    whole run: model-parallel's and hybrid's towers each decode a share and gather, a
+    pipeline's later stage opens none, ddp's and fsdp's replicas each open their own rows."""
     train = sorted(str(p) for p in (runs["data"] / "train").rglob("*.*"))
     counted = opens(runs[f"opens:{name}"])
     assert sorted(counted) == train
@@ -167,5 +177,5 @@ def test_the_bytes_sharing_the_decoded_batch_sends_are_counted(runs):
     rows = [r for r in metrics(runs["mp"]) if "train_acc" not in r]
     assert rows and all(r["input_bytes_per_step"] == expected for r in rows)
     assert summary(runs["mp"])["input_bytes_per_step"] == expected
-    for name in ("single", "ddp", "pipe"):
+    for name in ("single", "ddp", "hybrid", "pipe", "fsdp"):
         assert "input_bytes_per_step" not in summary(runs[name]), name

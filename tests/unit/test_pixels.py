@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -22,6 +22,7 @@ from distalex.data import imagefolder
 from distalex.data.common import GlobalBatchPlan, ReplicaShare
 from distalex.data.imagefolder import ImageFolderLoader, eval_batches_of, scan_split
 from distalex.data.pixels import (
+    CropSamples,
     CropTransform,
     EncodedSamples,
     collate_encoded,
@@ -31,7 +32,7 @@ from distalex.data.pixels import (
     resized_size,
     unpack_rows,
 )
-from distalex.errors import ConfigError
+from distalex.errors import ConfigError, DataFailure
 
 from helpers import ROOT, make_folder
 
@@ -84,8 +85,8 @@ def loader(samples, *extra, replica=0, replicas=1, share=None, batch=BATCH) -> I
 def test_workers_make_uint8_crops_and_the_device_side_equals_the_float_pipeline(folder):
     samples = train_samples(folder)
     new, old = loader(samples), loader(samples, "data.pipeline=float")
-    crops = imagefolder.TrainSamples(samples, new.crop_transform, seed=3)[(0, 1)]
-    assert crops[0].dtype == torch.uint8 and crops[0].shape == (3, S, S)  # what a worker ships
+    crops = CropSamples(samples, new.crop_transform, seed=3)[(0, 1)]
+    assert crops[0].dtype == torch.uint8 and crops[0].shape == (S, S, 3)  # what a worker ships
     assert crops[1].dtype == torch.float32 and crops[1].shape == (3,)  # with its lighting shift
     for epoch in (0, 1):
         ours, theirs = list(new.epoch(epoch)), list(old.epoch(epoch))
@@ -142,6 +143,21 @@ def test_shares_cover_the_batch_and_rows_pack_both_ways(rows, members, width):
     assert all(torch.equal(a, b) for a, b in zip(fields, back, strict=True))
 
 
+def image_opens(monkeypatch) -> list:
+    """The paths of every image file opened from now on: every image read goes through
+    images.open_image_file's guarded open (tests/unit/test_guarded_reads.py keeps it so)."""
+    from distalex.data import images
+
+    opened, real = [], images.open_for_reading
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "open_for_reading", counting)
+    return opened
+
+
 class Replica:
     """``members`` in-process members of one replica, gathering through a barrier."""
 
@@ -174,9 +190,7 @@ def run_members(members, fn):
 def test_members_of_a_replica_decode_shares_and_all_get_the_whole_batch(folder, members, monkeypatch):
     samples = train_samples(folder)
     reference = [(x, y) for x, y in loader(samples).epoch(0)] + list(loader(samples).eval_batches(4))
-    opened = []
-    real = imagefolder._load_rgb
-    monkeypatch.setattr(imagefolder, "_load_rgb", lambda path, side=0: opened.append(path) or real(path, side))
+    opened = image_opens(monkeypatch)
     replica = Replica(members)
 
     def member(m):
@@ -201,8 +215,7 @@ def test_pipeline_stages_the_first_decodes_alone_the_others_open_no_training_fil
 
     first = list(loader(samples, share=ReplicaShare(0, 2, no_gather, "first")).epoch(0))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, reference, strict=True))
-    opened = []
-    monkeypatch.setattr(imagefolder, "_load_rgb", lambda path, side=0: opened.append(path))
+    opened = image_opens(monkeypatch)
     later = list(loader(samples, share=ReplicaShare(1, 2, no_gather, "first")).epoch(0))
     assert opened == [] and len(later) == len(reference)
     for (x, y), (_, y0) in zip(later, reference, strict=True):
@@ -242,14 +255,14 @@ def test_device_decode_gives_the_cpu_paths_crops(folder, device):
     batch = collate_encoded(items)
     got = decode_batch(batch, S, device).cpu()
     crop = CropTransform(RESIZE, S, imagefolder.PCALighting(0.1))
-    cpu = imagefolder.TrainSamples(samples, crop, seed=3)
+    cpu = CropSamples(samples, crop, seed=3)
     for row, (path, label) in enumerate(samples):
         ref, shift, _ = cpu[(row, 1)]
         assert torch.equal(batch.shifts[row], shift) and batch.labels[row] == label
         if items[row][0] == "crop":  # decoded in the worker by the CPU path's own code
             assert torch.equal(got[row], ref), path
             continue
-        a, b = got[row].int(), ref.int()
+        a, b = got[row].permute(2, 0, 1).int(), ref.permute(2, 0, 1).int()
         diff = (a - b).abs().float().mean()
         # The geometry: a window one pixel off, or a lost flip, is far further away.
         assert diff < 0.5 * (a[..., 1:] - b[..., :-1]).abs().float().mean(), path
@@ -321,3 +334,158 @@ def test_every_augmentation_draw_goes_through_draw_crop():
                 ):
                     found.add((path.name, fn.name))
     assert found - {("common.py", "epoch_permutation")} <= allowed, found
+
+
+# --------------------------------------------------------------------------- the CPU half's pieces
+
+
+def jpeg_variants(tmp_path) -> list:
+    """JPEG encodings PIL writes (baseline 4:2:0, 4:4:4, 4:2:2, progressive, optimized Huffman
+    tables, restart markers, a tiny one), each decoded by both decoders in the tests below."""
+    rng = np.random.default_rng(5)
+    options = [
+        {"quality": 90},
+        {"quality": 75, "subsampling": 0},
+        {"quality": 95, "subsampling": 1},
+        {"quality": 85, "progressive": True},
+        {"quality": 80, "optimize": True},
+        {"quality": 70, "restart_marker_blocks": 4},
+    ]
+    paths = []
+    for i, kw in enumerate(options):
+        w, h = (37, 23) if i == len(options) - 1 else (int(rng.integers(120, 300)), int(rng.integers(120, 300)))
+        path = tmp_path / f"v{i}.jpg"
+        Image.fromarray(bench.natural_image(rng, w, h)).save(path, **kw)
+        paths.append(str(path))
+    return paths
+
+
+def test_decode_pixels_gives_the_pixels_pil_gives(folder, tmp_path, monkeypatch):
+    """decode_pixels (torchvision's libjpeg-turbo for full-scale RGB JPEGs, PIL for the rest) is
+    bit-identical to the float pipeline's PIL decode, file by file: every kind in the test folder
+    (reduced-scale photos, grayscale, CMYK, PNG) and every JPEG encoding PIL writes."""
+    from distalex.data import pixels
+
+    paths = [p for p, _ in train_samples(folder)] + jpeg_variants(tmp_path)
+    taken = []
+    real = pixels.decode_jpeg_cpu
+    monkeypatch.setattr(pixels, "decode_jpeg_cpu", lambda data: taken.append(1) or real(data))
+    for path in paths:
+        data = pixels.read_bytes(path)
+        got = pixels.decode_pixels(data, path, RESIZE)
+        want = torch.from_numpy(np.array(imagefolder._load_rgb(path, RESIZE)))
+        assert got.dtype == torch.uint8 and torch.equal(got, want), path
+    assert len(taken) >= 8  # the torchvision path was taken (img*.jpg, the small photo, the variants)
+
+    # A file torchvision refuses goes to PIL, whose pixels (or refusal) stand.
+    monkeypatch.setattr(pixels, "decode_jpeg_cpu", lambda data: (_ for _ in ()).throw(RuntimeError("refused")))
+    path = paths[-1]
+    assert torch.equal(pixels.decode_pixels(pixels.read_bytes(path), path, RESIZE), want)
+    truncated = pixels.read_bytes(path)[:-40]
+    with pytest.raises(DataFailure, match="cannot be read during the run"):
+        pixels.decode_pixels(truncated, path, RESIZE)
+
+
+@given(
+    st.integers(1, 160),
+    st.integers(1, 160),
+    st.integers(1, 120),
+    st.integers(1, 120),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.integers(0, 2**31),
+)
+@example(71, 191, 74, 38, 22.5 / 161, 6.5 / 36, 0)  # a prefix as long as its resize: torch would skip it
+@settings(max_examples=120, deadline=None)
+def test_resize_crop_is_the_whole_images_resize_cropped(width, height, resize, size, fy, fx, seed):
+    """resize_crop resamples a prefix of the image only; the crop it returns is exactly the crop
+    of the whole image's resize by the same kernel (torch's when shrinking, PIL's when
+    enlarging), and within two levels of PIL's whole resize either way."""
+    from distalex.data.pixels import resize_crop
+
+    w, h = resized_size(width, height, resize)
+    size = min(size, w, h)
+    top, left = int(fy * (h - size)), int(fx * (w - size))
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    got = resize_crop(torch.from_numpy(a), resize, top, left, size)
+    pil = torch.from_numpy(np.array(Image.fromarray(a).resize((w, h), Image.BILINEAR)))
+    pil = pil[top : top + size, left : left + size]
+    if h > height or w > width:
+        whole = pil
+    else:
+        x = torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
+        whole = torch.ops.aten._upsample_bilinear2d_aa(x, [h, w], False, None, None)[0].permute(1, 2, 0)
+        whole = whole[top : top + size, left : left + size]
+    assert got.shape == (size, size, 3) and torch.equal(got, whole)
+    assert (got.int() - pil.int()).abs().max() <= 2
+
+
+def test_the_torch_resampler_stays_within_two_levels_of_the_float_pipeline(folder):
+    samples = train_samples(folder)
+    fast, old = loader(samples, "data.resampler=torch"), loader(samples, "data.pipeline=float")
+    for (x, y), (x0, y0) in zip(fast.epoch(1), old.epoch(1), strict=True):
+        assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, y0)
+        diff = (x - x0).abs()
+        assert diff.max() <= 2 / 255 + 1e-6, diff.max()
+        assert (diff > 1e-6).float().mean() <= 0.05  # test-folder noise images: ~2 %; photos: ~0.2 %
+
+
+@given(
+    st.integers(1, 4),
+    st.integers(1, 23),
+    st.booleans(),
+    st.sampled_from(["hwc", "chw"]),
+    st.integers(0, 2**31),
+)
+@settings(max_examples=60, deadline=None)
+def test_finish_batch_is_the_per_image_arithmetic_in_any_layout(rows, size, lighting, layout, seed):
+    """finish_batch against the per-image formula written out in plain torch (to_tensor's
+    ``/255``, ``+ shift``, ``- mean``, in that order), bit for bit, whatever the input's layout
+    and the output's memory format -- sizes whose pixel count has no divisor to tile by included."""
+    from distalex.data.pixels import finish_batch
+
+    g = torch.Generator().manual_seed(seed)
+    hwc = torch.randint(0, 256, (rows, size, size, 3), dtype=torch.uint8, generator=g)
+    pixels = hwc.permute(0, 3, 1, 2) if layout == "hwc" else hwc.permute(0, 3, 1, 2).contiguous()
+    shifts = torch.randn(rows, 3, generator=g) * 0.1 if lighting else None
+    mean = (0.485, 0.456, 0.406)
+    want = torch.stack(
+        [
+            (p.float() / 255 + (shifts[i].view(3, 1, 1) if lighting else 0)) - torch.tensor(mean).view(3, 1, 1)
+            for i, p in enumerate(pixels)
+        ]
+    )
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        got = finish_batch(pixels, shifts, mean, fmt)
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
+        assert torch.equal(got, want)
+
+
+@given(
+    st.integers(1, 160),
+    st.integers(1, 160),
+    st.integers(1, 120),
+    st.integers(1, 120),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.integers(0, 2**31),
+)
+@settings(max_examples=120, deadline=None)
+def test_pils_window_is_its_whole_resize_within_a_level_a_pass(width, height, resize, size, fy, fx, seed):
+    """data.resampler=pil's resize (and the evaluation centre crop's): PIL's resize of the window
+    against PIL's resize of the whole image, cropped -- what the float pipeline computes.  The
+    window's sample positions are the whole image's up to floating-point rounding, which can move
+    a value across a rounding edge in each of the two passes: two levels at most (found here on
+    noise images; photos stay within one, test_workers_make_uint8_crops_...)."""
+    from distalex.data.pixels import resized_window
+
+    w, h = resized_size(width, height, resize)
+    size = min(size, w, h)
+    top, left = int(fy * (h - size)), int(fx * (w - size))
+    img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    box = (left, top, left + size, top + size)
+    got = np.asarray(resized_window(img, w, h, box)).astype(int)
+    whole = np.asarray(img.resize((w, h), Image.BILINEAR).crop(box)).astype(int)
+    assert got.shape == (size, size, 3) and np.abs(got - whole).max() <= 2
+    assert np.abs(got - whole).mean() <= 0.5  # a window a pixel off differs by tens of levels on noise
