@@ -36,8 +36,8 @@ from PIL import Image
 
 from distalex.config import load_config
 from distalex.data.common import GlobalBatchPlan
-from distalex.data.imagefolder import ImageFolderLoader, PCALighting, TrainSamples, scan_split
-from distalex.data.pixels import CropTransform, EncodedSamples, collate_encoded, decode_batch
+from distalex.data.imagefolder import ImageFolderLoader, PCALighting, scan_split
+from distalex.data.pixels import CropSamples, CropTransform, EncodedSamples, collate_encoded, decode_batch
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,13 +68,13 @@ def write_set(root: Path, n: int, size: tuple[int, int], seed: int, extras: bool
 def compare(root: Path, device: torch.device, resize: int, size: int) -> dict:
     samples = scan_split(root / "train")[1]
     crop = CropTransform(resize, size, PCALighting(0.1))
-    enc, cpu = EncodedSamples(samples, crop, seed=0), TrainSamples(samples, crop, seed=0)
+    enc, cpu = EncodedSamples(samples, crop, seed=0), CropSamples(samples, crop, seed=0)
     items = [enc[(i, 0)] for i in range(len(samples))]
     got = decode_batch(collate_encoded(items), size, device).cpu()
     diffs, shifted, routed, exact = [], [], {}, True
     for i, (path, _) in enumerate(samples):
-        ref = cpu[(i, 0)][0].int()
-        a = got[i].int()
+        ref = cpu[(i, 0)][0].permute(2, 0, 1).int()  # [S, S, 3] -> [3, S, S]
+        a = got[i].permute(2, 0, 1).int()
         routed[Path(path).name] = items[i][0]
         if items[i][0] == "crop":
             exact &= bool(torch.equal(a, ref))

@@ -95,9 +95,9 @@ class DataConfig:
     # default until nvJPEG's pixels and speed are measured on a GPU (bench/gpu_decode_check.py).
     decode: str = "cpu"
     # imagefolder, uint8 pipeline: what resizes a training image on the CPU.  pil -- PIL's
-    # bilinear resize of the crop's window: within 1/255 of the float pipeline's resize; torch --
-    # torch's uint8 kernel (16-bit weights) on a tensor decoded without PIL's copies: about 1.15x
-    # the samples per core, within 2/255 (bench/input_pipeline.py, docs/imagenet.md).
+    # bilinear resize of the crop's window; torch -- torch's uint8 kernel (16-bit weights) on a
+    # tensor decoded without PIL's copies: about 1.16x pil's samples per core, and about twice as
+    # many values a level away from the float pipeline's (docs/imagenet.md, "The input pipeline").
     resampler: str = "pil"
 
 
@@ -474,7 +474,7 @@ def path_problem(value: str, tail: int = 0) -> str | None:
     path_max, name_max = _limits(value)
     for part in encoded.split(b"/"):
         if len(part) > name_max:
-            shown = part[:24].decode("utf-8", "replace")
+            shown = shown_text(part[:24].decode("utf-8", "replace"))  # one line, whatever it holds
             return f"its component '{shown}...' is {len(part)} bytes long; the file system allows {name_max} (NAME_MAX)"
     absolute = len(os.fsencode(os.path.abspath(value))) if len(encoded) < path_max else len(encoded)
     if absolute + tail >= path_max:

@@ -9,9 +9,9 @@ there.  Device (batched, where the network trains): the dtype change, PCA lighti
 written straight into the network's memory layout (:func:`finish_batch`).  The float arithmetic
 is the older pipeline's per-image operations in its order (``to_tensor`` = ``/255``, ``+ shift``,
 ``- mean``), so the two differ only where the resize rounds a pixel to another uint8 level than
-PIL's whole-image resize: at most 1/255 with ``pil`` (in about 0.1 % of a photo's values), at
-most 2/255 with ``torch`` (its 16-bit weights put one pass within one level of PIL's, two passes
-within two; tests/unit/test_pixels.py).
+PIL's whole-image resize: one level in about 0.1 % (``pil``) or 0.2 % (``torch``) of a photo's
+values, at most two levels on any image (tests/unit/test_pixels.py: one level per resampling
+pass; PIL places a window in single precision, torch's kernel has 16-bit weights).
 
 A sample's random draws (crop position, flip, lighting) come from one generator of
 ``(seed, epoch, index)`` (:func:`draw_crop`), which every path calls: the legacy float
@@ -91,11 +91,11 @@ def draw_crop(g: torch.Generator, width: int, height: int, size: int, lighting) 
 def resized_window(img: Image.Image, width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:
     """The ``box`` (left, top, right, bottom) of ``img`` resized to ``width`` x ``height``, computing
     only the box's pixels when shrinking: PIL's bilinear resize of the whole image then cropped,
-    at a fraction of the cost (the same filter, and sample positions equal up to floating-point
-    rounding, which moves about 0.1 % of a photo's values one level; at most one level a pass,
-    two in all; tests/unit/test_pixels.py).  Enlarging (an
-    image smaller than the resize), PIL's windowed resize strays up to two levels from its whole
-    resize (measured), so the whole image is resized and cropped: such images are small."""
+    at a fraction of the cost.  The same filter; the sample positions differ only by PIL taking
+    a box's corners in single precision, which moves about 0.1 % of a photo's values one level
+    (noise images at some scales: more, and up to two levels, one per pass;
+    tests/unit/test_pixels.py).  Enlarging (an image smaller than the resize), the window strays
+    further, so the whole image is resized and cropped: such images are small."""
     left, top, right, bottom = box
     if width > img.size[0] or height > img.size[1]:
         return img.resize((width, height), Image.BILINEAR).crop(box)
@@ -169,8 +169,7 @@ def resize_crop(pixels: torch.Tensor, resize_size: int, top: int, left: int, siz
     """uint8 [H, W, 3] -> the ``size`` crop at (top, left) of the image with its shorter side
     resized to ``resize_size``: antialiased bilinear, PIL's filter and sample positions, by
     torch's uint8 kernel when shrinking (its 16-bit weights: within one level of PIL's per pass,
-    two levels over both, in about 0.2 % of a photo's values), by PIL's whole resize when
-    enlarging.  Only the
+    two levels over both, in about 0.2 % of a photo's values), by PIL when enlarging.  Only the
     rows and columns up to the crop's far edge are resampled: the kernel maps output pixel ``i``
     to input ``scale * (i + 0.5)`` from the input's origin, so a prefix of the resized image is
     a resize of a prefix of the input, given the whole image's scales."""

@@ -98,8 +98,8 @@ def test_input_pipeline_bench_runs_every_row_and_writes_json(tmp_path):
     for rows in sets.values():
         assert sorted(rows) == sorted(
             ["decode only (every row pays it)", "torchvision RandomResizedCrop", "torchvision Resize+RandomCrop",
-             "distalex float (before)", "distalex uint8 (now)", "distalex uint8, CPU side only",
-             "distalex decode=gpu, CPU side only"]
+             "distalex float (before)", "distalex uint8 (now)", "distalex uint8, resampler=torch",
+             "distalex uint8, CPU side only", "distalex decode=gpu, CPU side only"]
         )  # fmt: skip
         assert all(v > 0 and math.isfinite(v) for v in rows.values())
 
