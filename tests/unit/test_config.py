@@ -48,6 +48,9 @@ def test_config_is_read_only():
         ("ddp.bucket_cap_mb=0", "ddp.bucket_cap_mb"),
         ("ddp.powersgd_rank=0", "ddp.powersgd_rank"),
         ("ddp.powersgd_start_iter=1", "ddp.powersgd_start_iter"),
+        ("data.pipeline=half", "data.pipeline"),
+        ("data.decode=npu", "data.decode"),
+        ("data.resampler=cv2", "data.resampler"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
