@@ -341,7 +341,8 @@ def test_every_augmentation_draw_goes_through_draw_crop():
 
 def jpeg_variants(tmp_path) -> list:
     """JPEG encodings PIL writes (baseline 4:2:0, 4:4:4, 4:2:2, progressive, optimized Huffman
-    tables, restart markers, a tiny one), each decoded by both decoders in the tests below."""
+    tables, restart markers, RGB without the YCbCr transform, a tiny one), each decoded by both
+    decoders in the tests below."""
     rng = np.random.default_rng(5)
     options = [
         {"quality": 90},
@@ -350,6 +351,7 @@ def jpeg_variants(tmp_path) -> list:
         {"quality": 85, "progressive": True},
         {"quality": 80, "optimize": True},
         {"quality": 70, "restart_marker_blocks": 4},
+        {"quality": 90, "keep_rgb": True},  # RGB, not YCbCr (an Adobe marker says so)
     ]
     paths = []
     for i, kw in enumerate(options):
