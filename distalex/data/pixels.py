@@ -387,15 +387,9 @@ def device_decodable(im: Image.Image) -> bool:
     return im.format == "JPEG" and im.mode == "RGB" and getattr(im, "n_frames", 1) == 1
 
 
-class EncodedSamples(Dataset):
-    """Indexed by ``(index, epoch)`` like the CPU path's training samples; yields
-    ``("jpeg", bytes, geometry, shift, label)`` or ``("crop", uint8 crop, None, shift, label)``."""
-
-    def __init__(self, samples, crop: CropTransform, seed: int):
-        self.samples, self.crop, self.seed = samples, crop, seed
-
-    def __len__(self) -> int:
-        return len(self.samples)
+class EncodedSamples(CropSamples):
+    """:class:`CropSamples`' files and draws for ``data.decode=gpu``; yields ``("jpeg", bytes,
+    geometry, shift, label)`` or ``("crop", uint8 crop, None, shift, label)``."""
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key

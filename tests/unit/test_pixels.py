@@ -388,16 +388,29 @@ def test_decode_pixels_gives_the_pixels_pil_gives(folder, tmp_path, monkeypatch)
         pixels.decode_pixels(truncated, path, RESIZE)
 
 
-@given(
-    st.integers(1, 160),
-    st.integers(1, 160),
-    st.integers(1, 120),
-    st.integers(1, 120),
-    st.floats(0, 1),
-    st.floats(0, 1),
-    st.integers(0, 2**31),
+# Generated images and crops: an image's size, the resize of its shorter side, the crop's size
+# and position (fractions of the room it has), the pixels' seed.
+CROPS = dict(
+    width=st.integers(1, 160),
+    height=st.integers(1, 160),
+    resize=st.integers(1, 120),
+    size=st.integers(1, 120),
+    fy=st.floats(0, 1),
+    fx=st.floats(0, 1),
+    seed=st.integers(0, 2**31),
 )
-@example(71, 191, 74, 38, 22.5 / 161, 6.5 / 36, 0)  # a prefix as long as its resize: torch would skip it
+
+
+def crop_at(width, height, resize, size, fy, fx) -> tuple[int, int, int, int, int]:
+    """(resized width, resized height, crop size, top, left) of a generated crop."""
+    w, h = resized_size(width, height, resize)
+    size = min(size, w, h)
+    return w, h, size, int(fy * (h - size)), int(fx * (w - size))
+
+
+@given(**CROPS)
+# a prefix as long as its resize, which torch would skip:
+@example(width=71, height=191, resize=74, size=38, fy=22.5 / 161, fx=6.5 / 36, seed=0)
 @settings(max_examples=120, deadline=None)
 def test_resize_crop_is_the_whole_images_resize_cropped(width, height, resize, size, fy, fx, seed):
     """resize_crop resamples a prefix of the image only; the crop it returns is exactly the crop
@@ -405,9 +418,7 @@ def test_resize_crop_is_the_whole_images_resize_cropped(width, height, resize, s
     enlarging), and within two levels of PIL's whole resize either way."""
     from distalex.data.pixels import resize_crop
 
-    w, h = resized_size(width, height, resize)
-    size = min(size, w, h)
-    top, left = int(fy * (h - size)), int(fx * (w - size))
+    w, h, size, top, left = crop_at(width, height, resize, size, fy, fx)
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     got = resize_crop(torch.from_numpy(a), resize, top, left, size)
@@ -464,15 +475,7 @@ def test_finish_batch_is_the_per_image_arithmetic_in_any_layout(rows, size, ligh
         assert torch.equal(got, want)
 
 
-@given(
-    st.integers(1, 160),
-    st.integers(1, 160),
-    st.integers(1, 120),
-    st.integers(1, 120),
-    st.floats(0, 1),
-    st.floats(0, 1),
-    st.integers(0, 2**31),
-)
+@given(**CROPS)
 @settings(max_examples=120, deadline=None)
 def test_pils_window_is_its_whole_resize_within_a_level_a_pass(width, height, resize, size, fy, fx, seed):
     """data.resampler=pil's resize (and the evaluation centre crop's): PIL's resize of the window
@@ -482,9 +485,7 @@ def test_pils_window_is_its_whole_resize_within_a_level_a_pass(width, height, re
     noise images; photos stay within one, test_workers_make_uint8_crops_...)."""
     from distalex.data.pixels import resized_window
 
-    w, h = resized_size(width, height, resize)
-    size = min(size, w, h)
-    top, left = int(fy * (h - size)), int(fx * (w - size))
+    w, h, size, top, left = crop_at(width, height, resize, size, fy, fx)
     img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
     box = (left, top, left + size, top + size)
     got = np.asarray(resized_window(img, w, h, box)).astype(int)
